@@ -1,0 +1,50 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+
+import toy_dllm  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_cache(tmp_path_factory):
+    """A cache of its own for this test session: the warm start is trained
+    here from its seed once, then reused by every test that needs it."""
+    old = os.environ.get("BGPO_CACHE")
+    os.environ["BGPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["BGPO_CACHE"]
+    else:
+        os.environ["BGPO_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def warm(fresh_cache):
+    """(model, tokenizer, task, settings) of the default warm start. Shared:
+    a test that changes the model must work on a copy."""
+    return toy_dllm.warm_start()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return toy_dllm.build_tokenizer()
+
+
+def tiny_model(tokenizer, seed=0, dtype=torch.float32, max_length=16):
+    """A randomly initialised toy-sized masked LM (smaller than the real toy)."""
+    model = toy_dllm.build_model(tokenizer, max_length=max_length, seed=seed, hidden_size=32,
+                                 num_layers=2, num_heads=2, intermediate_size=64)
+    return model.to(dtype).eval()
+
+
+def random_batch(B, Lp, L, seed=0, vocab=12):
+    """Random prompt and response ids drawn from the 12 ordinary tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(vocab, (B, Lp), generator=g),
+            torch.randint(vocab, (B, L), generator=g))

@@ -1,0 +1,218 @@
+"""The tiny masked-diffusion LM: task, tokenizer, masking, loss, sampler, warm start."""
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+import toy_dllm
+from conftest import random_batch, tiny_model
+
+
+class RecordingModel(torch.nn.Module):
+    """Wraps a masked LM and keeps a copy of every input it is shown."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def forward(self, input_ids):
+        self.inputs.append(input_ids.clone())
+        return self.model(input_ids=input_ids)
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits ignore the input: position p prefers token p % 10
+    with a confidence that grows with p. Shows the sampler's order of commits."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.inputs = vocab, []
+        self.dtype = torch.float32
+
+    def forward(self, input_ids):
+        self.inputs.append(input_ids.clone())
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for p in range(T):
+            logits[:, p, p % 10] = 1.0 + p
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_task_splits_are_disjoint_and_seeded():
+    a, b = toy_dllm.make_task(seed=3), toy_dllm.make_task(seed=3)
+    assert torch.equal(a.test, b.test) and torch.equal(a.train, b.train)
+    ids = lambda pairs: set((pairs[:, 0] * 100 + pairs[:, 1]).tolist())
+    assert not ids(a.train) & ids(a.test)
+    assert len(ids(a.train)) + len(ids(a.test)) == 10_000
+    assert not torch.equal(a.test, toy_dllm.make_task(seed=4).test)
+
+
+def test_prompts_and_answers_are_fixed_width():
+    task = toy_dllm.make_task()
+    problems = torch.tensor([[37, 48], [5, 0], [99, 99]])
+    assert task.prompts(problems) == ["37+48=", "05+00=", "99+99="]
+    assert task.answers(problems) == ["085", "005", "198"]
+
+
+def test_exact_match_reward_is_strict(tokenizer):
+    task = toy_dllm.make_task()
+    problems = torch.tensor([[37, 48]] * 4)
+    pad = tokenizer.pad_token_id
+    said = ["085", "086", "85", "0850"]
+    responses = torch.tensor([tokenizer(s, add_special_tokens=False).input_ids[:3]
+                              + [pad] * (3 - len(s)) for s in said])
+    responses[3] = torch.tensor(tokenizer("085", add_special_tokens=False).input_ids)
+    wide = torch.cat([responses, torch.full((4, 1), pad)], 1)
+    wide[3, 3] = tokenizer.convert_tokens_to_ids("0")
+    assert toy_dllm.exact_match_reward(task, tokenizer, problems, wide).tolist() == [1, 0, 0, 0]
+
+
+def test_tokenizer_round_trip(tokenizer):
+    ids = tokenizer("37+48=085", add_special_tokens=False).input_ids
+    assert len(ids) == 9
+    assert tokenizer.decode(ids) == "37+48=085"
+    assert tokenizer.mask_token_id is not None and tokenizer.mask_token_id not in ids
+
+
+def test_prompt_is_never_masked(tokenizer):
+    model = RecordingModel(tiny_model(tokenizer))
+    prompts, responses = random_batch(4, 6, 3)
+    mask_id = tokenizer.mask_token_id
+    t = torch.ones(4)  # the forward process at t = 1 masks every response token
+    mask = toy_dllm.forward_mask(responses, t)
+    assert mask.shape == responses.shape and mask.all()
+    toy_dllm.diffusion_loss(model, prompts, responses, t, mask, mask_id)
+    toy_dllm.generate(model, prompts, mask_id, length=4, block_length=2, steps=4, temperature=1.0)
+    for seen in model.inputs:
+        assert torch.equal(seen[:, :6], prompts)
+    assert (model.inputs[0][:, 6:] == mask_id).all()
+
+
+def test_forward_mask_rate_follows_t():
+    g = torch.Generator().manual_seed(0)
+    responses = torch.zeros(4, 5000, dtype=torch.long)
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9])
+    rate = toy_dllm.forward_mask(responses, t, generator=g).float().mean(1)
+    assert rate[0] == 0
+    assert torch.allclose(rate[1:], t[1:], atol=0.03)
+
+
+@pytest.mark.parametrize("length,block,steps,temperature,remasking", [
+    (3, None, None, 0.0, "low_confidence"),
+    (6, 2, 6, 0.0, "low_confidence"),
+    (6, 3, 4, 1.0, "low_confidence"),
+    (5, 5, 2, 0.7, "random"),
+    (4, 1, 8, 0.0, "random"),
+])
+def test_sampled_responses_have_requested_length_and_no_mask(tokenizer, length, block, steps,
+                                                              temperature, remasking):
+    model = tiny_model(tokenizer)
+    prompts, _ = random_batch(8, 6, 1)
+    g = torch.Generator().manual_seed(0)
+    out = toy_dllm.generate(model, prompts, tokenizer.mask_token_id, length, block, steps,
+                            temperature, remasking, generator=g)
+    assert out.shape == (8, length)
+    assert not (out == tokenizer.mask_token_id).any()
+
+
+def test_greedy_sampling_is_deterministic(tokenizer):
+    model = tiny_model(tokenizer, seed=1)
+    prompts, _ = random_batch(16, 6, 1)
+    mask_id = tokenizer.mask_token_id
+    runs = [toy_dllm.generate(model, prompts, mask_id, 6, block_length=3) for _ in range(2)]
+    assert torch.equal(*runs)
+    # sampling at a temperature is reproducible from its generator
+    hot = [toy_dllm.generate(model, prompts, mask_id, 6, temperature=1.0,
+                             generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*hot)
+
+
+def test_low_confidence_commits_most_confident_first_and_blocks_left_to_right():
+    vocab, mask_id = 14, 13
+    model = FixedLogits(vocab)
+    prompts = torch.zeros(1, 2, dtype=torch.long)
+    out = toy_dllm.generate(model, prompts, mask_id, length=4, block_length=2, steps=4)
+    # four steps, one commit each: block 1 (positions 2, 3), then block 2 (4, 5);
+    # within a block the later position is more confident, so it goes first
+    seen = [x[0, 2:].tolist() for x in model.inputs]
+    M = mask_id
+    assert seen == [[M, M, M, M], [M, 3, M, M], [2, 3, M, M], [2, 3, M, 5]]
+    assert out.tolist() == [[2, 3, 4, 5]]
+
+
+def test_transfer_schedule_is_linear_and_fills_the_block():
+    assert toy_dllm.transfer_schedule(5, 3) == [2, 2, 1]
+    assert toy_dllm.transfer_schedule(4, 4) == [1, 1, 1, 1]
+    assert sum(toy_dllm.transfer_schedule(32, 7)) == 32
+
+
+def test_training_loss_matches_hand_computation_on_two_tokens(tokenizer):
+    model = tiny_model(tokenizer, dtype=torch.float64)
+    prompts = torch.tensor([[3, 10, 4, 11]])       # "3+4="
+    responses = torch.tensor([[0, 7]])             # "07"
+    t = torch.tensor([0.4], dtype=torch.float64)
+    mask = torch.tensor([[False, True]])           # y_t = "0[MASK]"
+    loss = toy_dllm.diffusion_loss(model, prompts, responses, t, mask, tokenizer.mask_token_id)
+
+    # by hand: feed "3+4=0[MASK]", read position 5, log-softmax written out
+    seq = torch.tensor([[3, 10, 4, 11, 0, tokenizer.mask_token_id]])
+    z = model(input_ids=seq).logits[0, 5]
+    log_p_7 = z[7] - torch.log(torch.exp(z).sum())
+    by_hand = -(1 / 2) * (1 / 0.4) * log_p_7        # -(1/L) (1/t) sum over masked tokens
+    assert torch.allclose(loss, by_hand, rtol=1e-12)
+
+    # and with both tokens masked, both terms count
+    mask2 = torch.tensor([[True, True]])
+    loss2 = toy_dllm.diffusion_loss(model, prompts, responses, t, mask2, tokenizer.mask_token_id)
+    z2 = model(input_ids=torch.tensor([[3, 10, 4, 11, 13, 13]])).logits[0]
+    lp = z2.log_softmax(-1)
+    assert torch.allclose(loss2, -(lp[4, 0] + lp[5, 7]) / (2 * 0.4), rtol=1e-12)
+
+
+def test_saved_and_reloaded_model_gives_identical_logits(tokenizer, tmp_path):
+    model = tiny_model(tokenizer, seed=2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model2 = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor(tok2(["37+48=085", "99+01=100"], add_special_tokens=False).input_ids)
+    assert torch.equal(model(input_ids=ids).logits, model2(input_ids=ids).logits)
+    assert tok2.mask_token_id == tokenizer.mask_token_id
+    assert tok2.decode(ids[0]) == "37+48=085"
+
+
+def test_warm_start_lands_in_its_accuracy_window(warm):
+    model, tokenizer, task, settings = warm
+    acc, failures = toy_dllm.evaluate(model, tokenizer, task, task.test, n_failures=3)
+    assert 0.20 <= acc <= 0.50
+    assert len(failures) == 3 and all(f.startswith("model says ") for f in failures)
+    # a second call reuses the cached checkpoint instead of training again
+    again, _, _, _ = toy_dllm.warm_start()
+    ids = torch.tensor([[3, 7, 10, 4, 8, 11, 13, 13, 13]])
+    assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(length=6, block_length=4), "block_length"),
+    (dict(length=6, block_length=2, steps=4), "steps"),
+    (dict(length=0), "length"),
+    (dict(length=-3), "length"),
+    (dict(length=4, temperature=-1.0), "temperature"),
+    (dict(length=4, remasking="sideways"), "remasking"),
+])
+def test_bad_sampler_arguments_raise_value_error_naming_them(tokenizer, kwargs, name):
+    model = tiny_model(tokenizer)
+    prompts, _ = random_batch(2, 6, 1)
+    with pytest.raises(ValueError, match=name):
+        toy_dllm.generate(model, prompts, tokenizer.mask_token_id, **kwargs)
+
+
+@pytest.mark.parametrize("n_digits", [0, -1])
+def test_non_positive_digit_count_raises_value_error(n_digits):
+    with pytest.raises(ValueError, match="n_digits"):
+        toy_dllm.make_task(n_digits=n_digits)
