@@ -1,0 +1,300 @@
+"""The ELBO estimator and the objectives: BGPO vs naive vs two-pass, checked
+against each other and against exact enumeration (the micrograd way)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import bgpo
+from conftest import random_batch, tiny_model
+
+MASK = 13  # the toy tokenizer's [MASK]
+
+
+def grads_of(model, method, batch, masks, weights, old_terms, clip=None):
+    """(loss value, flat gradient) of one policy_loss_backward call from zero grads."""
+    prompts, responses, advantages = batch
+    model.zero_grad(set_to_none=True)
+    value = bgpo.policy_loss_backward(model, prompts, responses, advantages, masks, weights,
+                                      old_terms, MASK, method=method, clip=clip)
+    grad = bgpo.flat_grad(model).clone()
+    model.zero_grad(set_to_none=True)
+    return value, grad
+
+
+def make_batch(seed=0):
+    """12 responses in 4 groups of 3: mixed rewards, all right, all wrong."""
+    prompts, responses = random_batch(12, 6, 4, seed=seed)
+    rewards = torch.tensor([1., 0., 0., 1., 1., 1., 0., 0., 0., 0., 1., 1.])
+    advantages = bgpo.group_advantages(rewards, 3).double()
+    return prompts, responses, advantages
+
+
+def masks_and_old_terms(model, batch, n, seed=0, scheme="stratified"):
+    prompts, responses, _ = batch
+    masks, weights = bgpo.sample_masks(responses, n, torch.Generator().manual_seed(seed), scheme)
+    with torch.no_grad():
+        old = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
+    return masks, weights, old
+
+
+def perturb(model, scale, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.fixture
+def model64(tokenizer):
+    return tiny_model(tokenizer, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_bgpo_and_two_pass_equal_naive_on_policy(model64, n):
+    batch = make_batch()
+    assert (batch[2] > 0).any() and (batch[2] < 0).any() and (batch[2] == 0).any()
+    masks, weights, old = masks_and_old_terms(model64, batch, n)
+    v_naive, g_naive = grads_of(model64, "naive", batch, masks, weights, old)
+    assert g_naive.abs().max() > 0
+    for method in ("bgpo", "two_pass"):
+        v, g = grads_of(model64, method, batch, masks, weights, old)
+        assert v == pytest.approx(v_naive, rel=1e-9, abs=1e-12)
+        assert torch.allclose(g, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
+
+
+def test_on_policy_value_is_minus_mean_advantage(model64):
+    batch = make_batch()
+    masks, weights, old = masks_and_old_terms(model64, batch, 4)
+    value, _ = grads_of(model64, "bgpo", batch, masks, weights, old)
+    assert value == pytest.approx(-batch[2].mean().item(), abs=1e-12)
+
+
+def test_all_zero_advantages_give_zero_gradient(model64):
+    prompts, responses, _ = make_batch()
+    batch = (prompts, responses, torch.zeros(12, dtype=torch.float64))
+    masks, weights, old = masks_and_old_terms(model64, batch, 4)
+    for method in bgpo.METHODS:
+        value, grad = grads_of(model64, method, batch, masks, weights, old)
+        assert value == 0 and not grad.any()
+
+
+def test_gradient_is_advantage_weighted_sum_of_elbo_gradients(model64):
+    """On-policy, grad L = -(1/B) sum_i (A_i / n_t) sum_j grad l_ij: built by hand."""
+    batch = make_batch()
+    prompts, responses, adv = batch
+    masks, weights, old = masks_and_old_terms(model64, batch, 3)
+    _, g = grads_of(model64, "bgpo", batch, masks, weights, old)
+    model64.zero_grad()
+    for j in range(3):
+        terms = bgpo.elbo_term(model64, prompts, responses, masks[j], weights[j], MASK)
+        (-(adv * terms).sum() / (12 * 3)).backward()
+    assert torch.allclose(g, bgpo.flat_grad(model64), rtol=1e-9, atol=1e-15)
+
+
+def test_gradients_accumulate_across_calls(model64):
+    batch = make_batch()
+    masks, weights, old = masks_and_old_terms(model64, batch, 2)
+    _, g = grads_of(model64, "bgpo", batch, masks, weights, old)
+    model64.zero_grad()
+    for _ in range(2):
+        bgpo.policy_loss_backward(model64, *batch, masks, weights, old, MASK)
+    assert torch.allclose(bgpo.flat_grad(model64), 2 * g, rtol=1e-12)
+
+
+def per_response_objectives(model, batch, masks, weights, old):
+    prompts, responses, adv = batch
+    with torch.no_grad():
+        terms = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
+    naive = bgpo.naive_objective(terms, old, adv)
+    bound = sum(bgpo.bgpo_sample_objective(terms[j], old[j], adv, len(masks))
+                for j in range(len(masks)))
+    return naive, bound
+
+
+@pytest.mark.parametrize("advantage_sign", ["both", "positive", "negative"])
+def test_bound_holds_off_policy(model64, advantage_sign):
+    prompts, responses, _ = make_batch()
+    adv = torch.linspace(-2, 2, 12, dtype=torch.float64)
+    if advantage_sign == "positive":
+        adv = adv.abs() + 0.1    # only the tangent-line lemma (A >= 0) at work
+    elif advantage_sign == "negative":
+        adv = -adv.abs() - 0.1   # only the Jensen lemma (A < 0) at work
+    batch = (prompts, responses, adv)
+    masks, weights, old = masks_and_old_terms(model64, batch, 8)
+    perturb(model64, 0.05)
+    naive, bound = per_response_objectives(model64, batch, masks, weights, old)
+    assert (bound <= naive + 1e-12).all()
+    assert (bound < naive - 1e-9).any()  # off-policy the bound is not tight
+
+
+def test_two_pass_gives_naive_gradient_off_policy(model64):
+    batch = make_batch()
+    masks, weights, old = masks_and_old_terms(model64, batch, 5)
+    perturb(model64, 0.05)
+    v_naive, g_naive = grads_of(model64, "naive", batch, masks, weights, old)
+    v_two, g_two = grads_of(model64, "two_pass", batch, masks, weights, old)
+    v_bgpo, g_bgpo = grads_of(model64, "bgpo", batch, masks, weights, old)
+    assert v_two == pytest.approx(v_naive, rel=1e-9)
+    assert torch.allclose(g_two, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
+    assert v_bgpo > v_naive                      # loss = -objective: bound means larger loss
+    assert not torch.allclose(g_bgpo, g_naive, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.2, 0.01])
+def test_clipped_objectives_agree_on_policy_and_two_pass_off_policy(model64, clip):
+    batch = make_batch()
+    masks, weights, old = masks_and_old_terms(model64, batch, 4)
+    _, g_naive = grads_of(model64, "naive", batch, masks, weights, old, clip)
+    _, g_bgpo = grads_of(model64, "bgpo", batch, masks, weights, old, clip)
+    assert torch.allclose(g_bgpo, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
+    perturb(model64, 0.05)
+    _, g_naive = grads_of(model64, "naive", batch, masks, weights, old, clip)
+    _, g_two = grads_of(model64, "two_pass", batch, masks, weights, old, clip)
+    assert torch.allclose(g_two, g_naive, rtol=1e-9, atol=1e-12 * (g_naive.abs().max() + 1))
+
+
+def test_stratified_mask_counts():
+    responses = torch.zeros(50, 8, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    masks, weights = bgpo.sample_masks(responses, 8, g)
+    counts = masks.sum(-1)                                       # (8, 50)
+    # n_t = L: the 8 counts of each response are a permutation of 1..8
+    assert (counts.sort(0).values == torch.arange(1, 9)[:, None]).all()
+    assert torch.allclose(weights, 8 / counts.float())
+    # n_t = 2: counts half a cycle apart
+    masks, _ = bgpo.sample_masks(responses, 2, g)
+    c = masks.sum(-1)
+    assert ((c[1] - c[0]) % 8 == 4).all()
+
+
+def test_uniform_t_masks_and_weights():
+    responses = torch.zeros(2000, 16, dtype=torch.long)
+    masks, weights = bgpo.sample_masks(responses, 1, torch.Generator().manual_seed(0), "uniform_t")
+    t = 1 / weights[0]
+    assert (t > 0).all() and (t <= 1).all()
+    assert abs(t.mean().item() - 0.5) < 0.03
+    # the masked fraction tracks each row's t
+    frac = masks[0].float().mean(-1)
+    assert (frac - t).abs().mean() < 0.15
+
+
+def exact_elbo(model, prompt, response):
+    """E over masks of l, by enumerating all 2^L masks of one response.
+
+    Both schemes give mask m (|m| = k >= 1) the weight 1 / (k * C(L, k)):
+    stratified draws k ~ U{1..L} (prob 1/L), a subset (1/C(L,k)), weight L/k;
+    uniform_t integrates t^k (1-t)^(L-k) / t over t, which is the same number.
+    """
+    L = response.shape[1]
+    total = torch.zeros((), dtype=torch.float64)
+    for bits in itertools.product([False, True], repeat=L):
+        k = sum(bits)
+        if k == 0:
+            continue
+        mask = torch.tensor([bits])
+        w = torch.tensor([1.0 / (k * math.comb(L, k)) * 1.0], dtype=torch.float64)
+        total += bgpo.elbo_term(model, prompt, response, mask, w, MASK)[0]
+    return total.item()
+
+
+@pytest.mark.parametrize("scheme", bgpo.SCHEMES)
+def test_monte_carlo_elbo_matches_exact_enumeration(model64, scheme):
+    prompt, response = random_batch(1, 6, 3, seed=5)
+    with torch.no_grad():
+        exact = exact_elbo(model64, prompt, response)
+        R = 4000  # independent estimates, each the mean of n_t = 4 samples
+        masks, weights = bgpo.sample_masks(response.expand(R, 3), 4,
+                                           torch.Generator().manual_seed(1), scheme)
+        est = bgpo.elbo_terms(model64, prompt.expand(R, 6), response.expand(R, 3),
+                              masks, weights, MASK).mean(0)                  # (R,)
+    se = est.std() / math.sqrt(R)
+    assert abs(est.mean().item() - exact) < 4 * se.item()
+    assert exact < 0
+
+
+def test_stratified_has_lower_variance_than_uniform_t(model64):
+    prompt, response = random_batch(1, 6, 3, seed=5)
+    R = 2000
+    var = {}
+    with torch.no_grad():
+        for scheme in bgpo.SCHEMES:
+            masks, weights = bgpo.sample_masks(response.expand(R, 3), 4,
+                                               torch.Generator().manual_seed(2), scheme)
+            est = bgpo.elbo_terms(model64, prompt.expand(R, 6), response.expand(R, 3),
+                                  masks, weights, MASK).mean(0)
+            var[scheme] = est.var().item()
+    assert var["stratified"] < var["uniform_t"]
+
+
+def test_saved_tensor_meter_counts_storages_once():
+    x = torch.randn(1000, requires_grad=True)                  # a parameter: not counted
+    with bgpo.SavedTensorMeter(exclude=[x]) as meter:
+        y = x.exp()              # saves y: 4000 bytes
+        z = (y * y).sum()        # saves y twice more: still the same storage
+    assert meter.peak_bytes == 4000 and meter.current_bytes == 4000
+    z.backward()
+    assert meter.current_bytes == 0                            # freed with the graph
+    with bgpo.SavedTensorMeter() as meter:                      # nothing excluded
+        (x * 2).sum().backward()
+    assert meter.peak_bytes == 0                               # times a constant: nothing saved
+    with bgpo.SavedTensorMeter() as meter:
+        (x * x).sum().backward()
+    assert meter.peak_bytes == 4000                            # x, saved twice, counted once
+
+
+def test_memory_bgpo_flat_naive_linear(tokenizer):
+    model = tiny_model(tokenizer)
+    prompts, responses = random_batch(4, 6, 3)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    peak = {}
+    for n in (1, 64):
+        masks, weights = bgpo.sample_masks(responses, n, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            old = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
+        for method in bgpo.METHODS:
+            model.zero_grad()
+            _, peak[method, n], _, _ = bgpo.measure(lambda: bgpo.policy_loss_backward(
+                model, prompts, responses, adv, masks, weights, old, MASK, method=method),
+                model, "cpu")
+    assert peak["naive", 1] > 0
+    assert peak["bgpo", 64] <= 1.05 * peak["bgpo", 1]
+    assert peak["two_pass", 64] <= 1.05 * peak["two_pass", 1]
+    assert peak["naive", 64] >= 32 * peak["naive", 1]
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5])
+def test_bad_sample_count_raises(n):
+    with pytest.raises(ValueError, match="n_samples"):
+        bgpo.sample_masks(torch.zeros(2, 3, dtype=torch.long), n)
+
+
+def test_unknown_scheme_raises():
+    with pytest.raises(ValueError, match="scheme"):
+        bgpo.sample_masks(torch.zeros(2, 3, dtype=torch.long), 2, scheme="sorted")
+
+
+def test_bad_loss_inputs_raise_naming_them(model64):
+    batch = make_batch()
+    masks, weights, old = masks_and_old_terms(model64, batch, 2)
+    prompts, responses, adv = batch
+    call = lambda **kw: bgpo.policy_loss_backward(**{**dict(
+        model=model64, prompts=prompts, responses=responses, advantages=adv, masks=masks,
+        weights=weights, old_terms=old, mask_id=MASK), **kw})
+    with pytest.raises(ValueError, match="method"):
+        call(method="ppo")
+    with pytest.raises(ValueError, match="advantages"):
+        call(advantages=adv[:5])
+    with pytest.raises(ValueError, match="masks"):
+        call(masks=masks[:, :5])
+    with pytest.raises(ValueError, match="weights"):
+        call(weights=weights[:1])
+    with pytest.raises(ValueError, match="old_terms"):
+        call(old_terms=old[:, :3])
+    with pytest.raises(ValueError, match="prompts"):
+        call(prompts=prompts[:3])
+    with pytest.raises(ValueError, match="mask"):
+        bgpo.elbo_term(model64, prompts, responses, masks[0][:, :2], weights[0], MASK)
+    with pytest.raises(ValueError, match="weight"):
+        bgpo.elbo_term(model64, prompts, responses, masks[0], weights[0][:2], MASK)
