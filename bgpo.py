@@ -840,16 +840,25 @@ def main(argv=None):
         write_atomic(os.path.join(args.out, "run.json"), json.dumps(run, indent=1) + "\n")
     print(f"BGPO ({args.method}, n_t={args.samples}) on {args.model or 'the toy diffusion LM'}, "
           f"{args.steps} steps of {args.prompts}x{args.group} responses, device {device}")
-    train(policy, args, out=args.out, resume_from=checkpoint)
+    try:
+        train(policy, args, out=args.out, resume_from=checkpoint)
+    except KeyboardInterrupt:
+        found = checkpoints(args.out) if args.out else []
+        hint = (f"continue with --resume {args.out} (from {os.path.basename(found[-1])})"
+                if found else "no checkpoint to resume from (see --save-every)")
+        print(f"\nbgpo.py: interrupted; {hint}", file=sys.stderr)
+        return 130
     return 0
 
 
 def format_table(rows):
     """Rows of dicts -> an aligned text table, with the units of the columns."""
     if rows and "method" in rows[0]:
-        head = ["method", "n_t", "objective", "max|grad-naive|", "act. MB", "ms/call"]
+        head = ["method", "n_t", "objective", "max|grad-naive|", "act. MB", "ms/call", "time/naive"]
+        naive_seconds = {r["samples"]: r["seconds"] for r in rows if r["method"] == "naive"}
         body = [[r["method"], r["samples"], f"{r['objective']:+.6f}", f"{r['grad_max_abs_diff']:.1e}",
-                 f"{r['peak_activation_bytes'] / 2**20:.2f}", f"{1000 * r['seconds']:.0f}"]
+                 f"{r['peak_activation_bytes'] / 2**20:.2f}", f"{1000 * r['seconds']:.0f}",
+                 f"{r['seconds'] / naive_seconds[r['samples']]:.2f}"]
                 + ([f"{r['cuda_peak_bytes'] / 2**20:.1f}"] if r["cuda_peak_bytes"] is not None else [])
                 for r in rows]
         if rows[0]["cuda_peak_bytes"] is not None:

@@ -1,0 +1,202 @@
+"""Real transformers checkpoints, resumable runs, skipped non-finite steps and
+one-line errors for everything a user can get wrong."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+import bgpo
+from test_rl import SMALL, read_metrics, run
+
+TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2", "--test-size", "20"]
+
+
+def make_bert_checkpoint(path, with_mask=True):
+    """A tiny BERT with its own WordPiece vocabulary, saved like any hub model."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if with_mask else [])
+    words = specials + list("0123456789+=") + [f"##{d}" for d in "0123456789"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)},
+                              mask_token="[MASK]" if with_mask else None)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def test_wordpiece_checkpoint_trains_through_model_flag(tmp_path, capsys):
+    tokenizer = make_bert_checkpoint(tmp_path / "bert")
+    # the task goes through this tokenizer: "37+48=" is 3 ##7 + 4 ##8 =
+    assert tokenizer.tokenize("37+48=") == ["3", "##7", "+", "4", "##8", "="]
+    out = tmp_path / "run"
+    status, err = run(TINY + ["--model", str(tmp_path / "bert"), "--out", str(out)], capsys)
+    assert status == 0, err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 2 and summary["peak_activation_bytes"] > 0
+    run_cfg = json.load(open(out / "run.json"))
+    assert run_cfg["response_length"] == 4  # longest answer "1 ##9 ##8" + the end token
+
+
+def test_model_without_mask_token_needs_mask_id(tmp_path, capsys):
+    make_bert_checkpoint(tmp_path / "bert", with_mask=False)
+    status, err = run(TINY + ["--model", str(tmp_path / "bert")], capsys)
+    assert status == 2 and "--mask-id" in err and err.count("\n") == 1
+    status, err = run(TINY + ["--model", str(tmp_path / "bert"), "--mask-id", "1"], capsys)
+    assert status == 0, err
+    status, err = run(TINY + ["--model", str(tmp_path / "bert"), "--mask-id", "999"], capsys)
+    assert status == 2 and "--mask-id 999" in err
+
+
+def assert_clean_error(status, err, *words):
+    assert status == 2
+    assert err.startswith("bgpo.py: error:") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    out = tmp_path / "run"
+    status, err = run(TINY + ["--model", str(tmp_path / "nope"), "--out", str(out)], capsys)
+    assert_clean_error(status, err, str(tmp_path / "nope"), "no such")
+    assert not out.exists()
+
+
+def test_unloadable_model_path(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ this is not json")
+    out = tmp_path / "run"
+    status, err = run(TINY + ["--model", str(bad), "--out", str(out)], capsys)
+    assert_clean_error(status, err, str(bad), "cannot load")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(capsys):
+    status, err = run(TINY + ["--device", "cuda"], capsys)
+    assert_clean_error(status, err, "CUDA")
+
+
+def test_unwritable_out(warm, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    status, err = run(TINY + ["--out", str(blocker / "run")], capsys)
+    assert_clean_error(status, err, "--out", "cannot write")
+
+
+def test_out_holding_a_run_is_not_overwritten(warm, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(SMALL + ["--out", str(out)], capsys)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    status, err = run(SMALL + ["--out", str(out)], capsys)
+    assert_clean_error(status, err, "--resume")
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    status, err = run(["--resume", str(tmp_path)], capsys)
+    assert_clean_error(status, err, "--resume", "checkpoint")
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(warm, tmp_path, capsys, monkeypatch):
+    args = SMALL[:] + ["--save-every", "2"]
+    args[1] = "5"  # --steps 5: checkpoints at 2 and 4
+    assert run(args + ["--out", str(tmp_path / "whole")], capsys)[0] == 0
+
+    real_step, calls = bgpo.rl_step, []
+
+    def interrupted_at_step_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of step 4
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(bgpo, "rl_step", interrupted_at_step_4)
+    status, err = run(args + ["--out", str(tmp_path / "cut")], capsys)
+    assert status == 130 and "--resume" in err
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3]
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    monkeypatch.setattr(bgpo, "rl_step", real_step)
+
+    status, err = run(["--resume", str(tmp_path / "cut")], capsys)
+    assert status == 0, err
+    assert read_metrics(tmp_path / "cut") == read_metrics(tmp_path / "whole")
+    whole = json.load(open(tmp_path / "whole" / "summary.json"))
+    cut = json.load(open(tmp_path / "cut" / "summary.json"))
+    for key in ("acc_before", "acc_after", "peak_activation_bytes", "skipped_updates"):
+        assert whole[key] == cut[key]
+    assert [p.name for p in bgpo_checkpoints(tmp_path / "cut")] == ["checkpoint-4"]
+
+
+def bgpo_checkpoints(out):
+    return [type(out)(p) for p in bgpo.checkpoints(str(out))]
+
+
+def test_resume_refuses_changed_settings(warm, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(SMALL + ["--save-every", "1", "--out", str(out)], capsys)[0] == 0
+    status, err = run(["--resume", str(out), "--lr", "0.1"], capsys)
+    assert_clean_error(status, err, "--lr")
+
+
+def test_non_finite_update_is_skipped_and_never_reaches_the_weights(warm, tmp_path, capsys,
+                                                                    monkeypatch):
+    real, calls = bgpo.policy_loss_backward, []
+
+    def nan_on_second_call(model, *a, **k):
+        calls.append(1)
+        loss = real(model, *a, **k)
+        if len(calls) == 2:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+            return float("nan")
+        return loss
+
+    monkeypatch.setattr(bgpo, "policy_loss_backward", nan_on_second_call)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipped"):
+        assert run(SMALL + ["--save-every", "3", "--out", str(out)], capsys)[0] == 0
+    rows = read_metrics(out)
+    assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
+    assert json.load(open(out / "summary.json"))["skipped_updates"] == 1
+    from safetensors.torch import load_file
+    for name in ("model", "checkpoint-3"):
+        weights = load_file(out / name / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skipped_update_leaves_weights_and_optimizer_untouched(warm, monkeypatch):
+    import copy
+    model, tokenizer, task, _ = warm
+    policy = bgpo.Policy(copy.deepcopy(model), tokenizer, task, tokenizer.mask_token_id,
+                         task.answer_length, torch.device("cpu"))
+    cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
+    cfg.samples = 2
+    batch = bgpo.rollout(policy, task.train[:4], cfg, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in policy.model.parameters()]
+
+    def poisoned(model, *a, **k):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("inf"))
+        return 1.0  # a finite loss, but not a finite gradient
+
+    monkeypatch.setattr(bgpo, "policy_loss_backward", poisoned)
+    with pytest.warns(UserWarning):
+        loss, skipped, _ = bgpo.rl_step(policy, optimizer, batch, cfg, torch.Generator())
+    assert skipped == 1 and loss != loss  # nan: no update was taken
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
+    assert not optimizer.state
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    """The real process: one line on stderr, exit status 2."""
+    proc = subprocess.run([sys.executable, "bgpo.py", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, cwd=bgpo.os.path.dirname(bgpo.__file__))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
