@@ -543,7 +543,8 @@ def train(policy, cfg, out=None, resume_from=None, show=print):
 #    grad-stats: on-policy BGPO gradients from 8 independent mask draws;
 #                relative std  = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
 #                relative bias = |mean g - g*| / |g*|
-#                with g* a "golden" gradient from n_t = 256 stratified samples.
+#                with g* a "golden" gradient: the mean of 8 draws at n_t = 256
+#                (stratified).
 
 
 def flat_grad(model):
@@ -614,7 +615,10 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     if not batch.advantages.any():
         raise ValueError("every group of the fixed batch has equal rewards: no gradient to study")
     rng = torch.Generator().manual_seed(cfg.seed)
-    golden = bgpo_gradient(policy, batch, golden_samples, "stratified", rng)
+    # the golden gradient is itself averaged over `draws` draws, so that its own
+    # noise stays well below the bias being measured
+    golden = torch.stack([bgpo_gradient(policy, batch, golden_samples, "stratified", rng)
+                          for _ in range(draws)]).mean(0)
     rows = []
     for scheme in SCHEMES:
         for n in sample_counts:
