@@ -335,6 +335,17 @@ def measure(fn, model, device):
 
 
 @dataclass
+class Policy:
+    """The model being trained and what it needs to talk about arithmetic."""
+    model: torch.nn.Module
+    tokenizer: object
+    task: toy_dllm.ArithmeticTask
+    mask_id: int
+    response_length: int
+    device: torch.device
+
+
+@dataclass
 class Rollout:
     problems: torch.Tensor     # (B, 2) operand pairs, each repeated G times
     prompts: torch.Tensor      # (B, Lp)
@@ -363,17 +374,6 @@ def rollout(policy, problems, cfg, generator):
 #    updates_per_batch mini-batch updates through policy_loss_backward.
 #    With 1 update the old policy is the current one (on-policy: BGPO equals
 #    the naive objective); with 2 the second mini-batch is off-policy.
-
-
-@dataclass
-class Policy:
-    """The model being trained and what it needs to talk about arithmetic."""
-    model: torch.nn.Module
-    tokenizer: object
-    task: toy_dllm.ArithmeticTask
-    mask_id: int
-    response_length: int
-    device: torch.device
 
 
 def rl_step(policy, optimizer, batch, cfg, data_rng):
@@ -441,11 +441,12 @@ def save_dir_atomic(path, save):
 
 
 def checkpoints(out):
-    """Complete checkpoint directories under out, oldest first."""
+    """Complete checkpoint directories (out/checkpoint-STEP), oldest first."""
     if not os.path.isdir(out):
         return []
-    names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
-    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+    steps = [n.split("-", 1)[1] for n in os.listdir(out) if n.startswith("checkpoint-")]
+    return [os.path.join(out, f"checkpoint-{s}") for s in sorted(
+        (s for s in steps if s.isdigit()), key=int)]
 
 
 def save_checkpoint(out, policy, optimizer, state):
