@@ -28,11 +28,9 @@ Run `python bgpo.py --help` for the experiments; the README has recipes.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -56,11 +54,12 @@ SCHEMES = ("stratified", "uniform_t")
 def group_advantages(rewards, group_size):
     """Float (B,) rewards, B = n_prompts * group_size -> Float (B,) advantages.
 
-    >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1.]), 3)
+    >>> group_advantages(torch.tensor([1., 0., 0., 1., 1., 1.]), 3)
     tensor([ 1.1547, -0.5774, -0.5774,  0.0000,  0.0000,  0.0000])
     """
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_size={group_size} must divide the {rewards.numel()} rewards")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 2 and divide the "
+                         f"{rewards.numel()} rewards")
     r = rewards.view(-1, group_size)                          # (P, G)
     std = r.std(dim=1, keepdim=True)                          # unbiased, as in GRPO
     centred = r - r.mean(dim=1, keepdim=True)
@@ -89,9 +88,11 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     Returns:
         masks Bool (n_samples, B, L), weights Float (n_samples, B).
 
-    >>> masks, w = sample_masks(torch.zeros(1, 4, dtype=torch.long), 2)
-    >>> masks.sum(-1).flatten().tolist(), w.flatten().tolist()  # doctest: +SKIP
-    ([3, 1], [1.333, 4.0])
+    >>> masks, w = sample_masks(torch.zeros(1, 4, dtype=torch.long), 4)
+    >>> sorted(masks.sum(-1).flatten().tolist())  # n_t = L: each count 1..L once
+    [1, 2, 3, 4]
+    >>> bool(((w * masks.sum(-1)) == 4).all())      # weight L / count
+    True
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
@@ -134,6 +135,7 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id):
         raise ValueError(f"mask must have the responses' shape {(B, L)}, got {tuple(mask.shape)}")
     if weight.shape != (B,):
         raise ValueError(f"weight must be ({B},), got shape {tuple(weight.shape)}")
+    mask = mask.bool()
     logp = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id)  # (B, L)
     return weight.to(logp.dtype) * (logp * mask).sum(-1)                       # (B,)
 
@@ -216,7 +218,9 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
         L's value, a float.
     """
     _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method)
-    n, B = masks.shape[0], responses.shape[0]
+    n = masks.shape[0]
+    # the old policy's terms and the advantages are constants of the objective
+    old_terms, advantages = old_terms.detach(), advantages.detach()
 
     def term(j):
         return elbo_term(model, prompts, responses, masks[j], weights[j], mask_id)  # (B,)
@@ -273,9 +277,11 @@ class SavedTensorMeter:
     Parameters (and anything else passed as `exclude`) are not activations and
     are not counted.
 
-    >>> with SavedTensorMeter(model.parameters()) as meter:   # doctest: +SKIP
-    ...     loss = model(x).sum(); loss.backward()
-    >>> meter.peak_bytes                                      # doctest: +SKIP
+    >>> w = torch.randn(1000, requires_grad=True)
+    >>> with SavedTensorMeter(exclude=[w]) as meter:
+    ...     loss = w.exp().sum()          # exp saves its output: 1000 floats
+    >>> meter.peak_bytes
+    4000
     """
 
     def __init__(self, exclude=()):
@@ -597,7 +603,9 @@ def compare(policy, cfg, sample_counts, repeats=2):
 
 
 def bgpo_gradient(policy, batch, n_samples, scheme, rng):
-    """The on-policy BGPO gradient for one draw of n_samples masks per response."""
+    """The on-policy BGPO gradient for one draw of n_samples masks per response,
+    and the largest ELBO weight w_j in that draw among samples that mask a token
+    (a sample that masks nothing contributes nothing, whatever its weight)."""
     model = policy.model
     masks, weights = sample_masks(batch.responses, n_samples, rng, scheme)
     with torch.no_grad():
@@ -607,7 +615,7 @@ def bgpo_gradient(policy, batch, n_samples, scheme, rng):
                          weights, old_terms, policy.mask_id, method="bgpo")
     grad = flat_grad(model)
     model.zero_grad(set_to_none=True)
-    return grad
+    return grad, weights[masks.any(-1)].max().item()
 
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
@@ -618,18 +626,20 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     rng = torch.Generator().manual_seed(cfg.seed)
     # the golden gradient is itself averaged over `draws` draws, so that its own
     # noise stays well below the bias being measured
-    golden = torch.stack([bgpo_gradient(policy, batch, golden_samples, "stratified", rng)
+    golden = torch.stack([bgpo_gradient(policy, batch, golden_samples, "stratified", rng)[0]
                           for _ in range(draws)]).mean(0)
     rows = []
     for scheme in SCHEMES:
         for n in sample_counts:
-            grads = torch.stack([bgpo_gradient(policy, batch, n, scheme, rng)
-                                 for _ in range(draws)])                          # (draws, P)
+            grads, max_weights = zip(*[bgpo_gradient(policy, batch, n, scheme, rng)
+                                       for _ in range(draws)])
+            grads = torch.stack(grads)                                             # (draws, P)
             mean = grads.mean(0)
             std = (grads - mean).pow(2).sum(1).sum().div(draws - 1).sqrt()
             rows.append(dict(scheme=scheme, samples=n,
                              rel_std=(std / golden.norm()).item(),
-                             rel_bias=((mean - golden).norm() / golden.norm()).item()))
+                             rel_bias=((mean - golden).norm() / golden.norm()).item(),
+                             max_weight=max(max_weights)))
     return rows
 
 # -----------------------------------------------------------------------------
@@ -719,13 +729,19 @@ def resolve_device(name, parser):
 
 def load_checkpoint(path, trust_remote_code):
     """Model and tokenizer from a directory or hub name; masked-LM head first,
-    then AutoModel (LLaDA registers its diffusion LM only as AutoModel)."""
+    then AutoModel (LLaDA registers its diffusion LM only as AutoModel).
+
+    Weights load in float32 whatever the checkpoint holds: an RL update at a
+    small learning rate is far below bfloat16's resolution and would vanish.
+    On CUDA the forward passes still run in bfloat16 (toy_dllm.forward_logits).
+    """
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
     except ValueError:
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(path, **kwargs)
     return model, tokenizer
 
 
@@ -869,8 +885,10 @@ def format_table(rows):
         if rows[0]["cuda_peak_bytes"] is not None:
             head.append("CUDA peak MB")
     else:
-        head = ["scheme", "n_t", "rel. std", "rel. bias"]
-        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}"] for r in rows]
+        # w_j / n_t: the largest share of one sample in a draw's average
+        head = ["scheme", "n_t", "rel. std", "rel. bias", "largest w_j/n_t"]
+        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}",
+                 f"{r['max_weight'] / r['samples']:.1f}"] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
     return "\n".join(lines)

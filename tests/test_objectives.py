@@ -298,3 +298,11 @@ def test_bad_loss_inputs_raise_naming_them(model64):
         bgpo.elbo_term(model64, prompts, responses, masks[0][:, :2], weights[0], MASK)
     with pytest.raises(ValueError, match="weight"):
         bgpo.elbo_term(model64, prompts, responses, masks[0], weights[0][:2], MASK)
+
+
+def test_docstring_examples():
+    import doctest
+    import toy_dllm
+    for module in (bgpo, toy_dllm):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
