@@ -470,12 +470,27 @@ def save_checkpoint(out, policy, optimizer, state):
         shutil.rmtree(old)
 
 
-def train(policy, cfg, out=None, resume_from=None, show=print):
+def load_trainer_state(checkpoint, device):
+    """The loop's state saved in a checkpoint: step, metrics, optimizer, RNGs.
+
+    The sampler's RNG lives on the device, and a CUDA generator's state cannot
+    seed a CPU one (or the reverse): a run resumes on the kind of device it
+    was saved on, or not at all.
+    """
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
+                       weights_only=True)
+    if state["device_type"] != device.type:
+        raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
+                         f"resume it there (--device {state['device_type']})")
+    return state
+
+
+def train(policy, cfg, out=None, resume_state=None, show=print):
     """The RL loop. Returns the summary dict (also written to out/summary.json).
 
     Every step appends one record to the metrics (and rewrites
     out/metrics.jsonl atomically); every cfg.save_every steps a checkpoint is
-    written; resume_from (a checkpoint directory) continues a run exactly.
+    written; resume_state (from load_trainer_state) continues a run exactly.
     """
     from tqdm import tqdm
 
@@ -485,19 +500,19 @@ def train(policy, cfg, out=None, resume_from=None, show=print):
     sample_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # rollouts
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.eval()  # no dropout: old and new policy must see the same network
-    if resume_from is None:
+    if resume_state is None:
         acc_before, failures = evaluate_policy(policy, cfg, n_failures=3)
         show("\n".join(failures))
         show(f"greedy test accuracy before RL: {acc_before:.1%}")
         state = dict(step=0, acc_before=acc_before, seconds=0.0, peak_activation_bytes=0,
-                     skipped_updates=0, metrics=[])
+                     skipped_updates=0, metrics=[], device_type=device.type)
     else:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        state = dict(resume_state)
         optimizer.load_state_dict(state.pop("optimizer"))
-        data_rng.set_state(state["data_rng"])
-        sample_rng.set_state(state["sample_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        show(f"resumed at step {state['step']} from {resume_from}")
+        data_rng.set_state(state.pop("data_rng"))
+        sample_rng.set_state(state.pop("sample_rng"))
+        torch.set_rng_state(state.pop("torch_rng"))
+        show(f"resumed at step {state['step']}")
     metrics = state["metrics"]
     t_start = time.time() - state["seconds"]
 
@@ -808,43 +823,57 @@ def prepare_out(out, parser, resuming):
 RESUMABLE = ("steps", "device", "save_every")  # what --resume lets you change
 
 
-def main(argv=None):
-    parser = build_parser()
+def parse_args(parser, argv):
+    """Flags, merged with the saved run's settings under --resume, and checked
+    against each other. Returns (args, the checkpoint to resume or None)."""
     unset = object()
     given = {k for k, v in vars(parser.parse_args(
         argv, namespace=argparse.Namespace(**{a.dest: unset for a in parser._actions}))).items()
-        if v is not unset}
+        if v is not unset}  # the flags typed on the command line, not defaulted
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
-        saved = os.path.join(args.resume, "run.json")
-        found = checkpoints(args.resume)
+        saved, found = os.path.join(args.resume, "run.json"), checkpoints(args.resume)
         if not os.path.isfile(saved) or not found:
             parser.error(f"--resume {args.resume}: no run with a checkpoint there")
         with open(saved) as f:
             run = json.load(f)
-        changed = sorted(k for k in given - {"resume", "out", *RESUMABLE} if getattr(args, k) != run.get(k))
+        changed = sorted(k for k in given - {"resume", "out", *RESUMABLE}
+                         if getattr(args, k) != run.get(k))
         if changed:
-            parser.error(f"--resume continues a run as it was set up; cannot change --{changed[0].replace('_', '-')}")
+            parser.error("--resume continues a run as it was set up; "
+                         f"cannot change --{changed[0].replace('_', '-')}")
         args = argparse.Namespace(**{**run, **{k: getattr(args, k) for k in given}})
         args.out, checkpoint = args.resume, found[-1]
     if not (args.compare or args.grad_stats):
         if len(args.samples) != 1:
-            parser.error("--samples takes one n_t when training (lists are for --compare / --grad-stats)")
+            parser.error("--samples takes one n_t when training "
+                         "(lists are for --compare / --grad-stats)")
         if args.prompts % args.updates_per_batch:
-            parser.error(f"--updates-per-batch {args.updates_per_batch} must divide --prompts {args.prompts}")
+            parser.error(f"--updates-per-batch {args.updates_per_batch} must divide "
+                         f"--prompts {args.prompts}")
         if args.save_every and not args.out:
             parser.error("--save-every needs --out")
+    return args, checkpoint
+
+
+def check_sampler_args(args, length, parser):
+    """--block-length and --sampler-steps against the response length."""
+    block = args.block_length or length
+    if length % block:
+        parser.error(f"--block-length {block} must divide the response length {length}")
+    if (args.sampler_steps or length) % (length // block):
+        parser.error(f"--sampler-steps {args.sampler_steps} must be a multiple of the "
+                     f"number of blocks ({length // block})")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, checkpoint = parse_args(parser, argv)
     device = resolve_device(args.device, parser)
     policy = load_policy(args, parser, device, checkpoint)
-    length = args.response_length = policy.response_length  # saved in run.json for --resume
-    block = args.block_length or length
-    n_blocks = length // block if length % block == 0 else 0
-    if not n_blocks:
-        parser.error(f"--block-length {block} must divide the response length {length}")
-    if (args.sampler_steps or length) % n_blocks:
-        parser.error(f"--sampler-steps {args.sampler_steps} must be a multiple of the "
-                     f"number of blocks ({n_blocks})")
+    args.response_length = policy.response_length  # saved in run.json for --resume
+    check_sampler_args(args, policy.response_length, parser)
     args.progress = True
 
     if args.compare or args.grad_stats:
@@ -854,15 +883,21 @@ def main(argv=None):
         return 0
 
     args.samples = args.samples[0]
-    if args.out:
+    resume_state = None
+    if checkpoint:
+        try:
+            resume_state = load_trainer_state(checkpoint, device)
+        except ValueError as e:
+            parser.error(f"--resume: {e}")
+    if args.out:  # only now, with every check passed, is anything written
         prepare_out(args.out, parser, resuming=checkpoint is not None)
-        run = {k: v for k, v in vars(args).items() if k not in ("progress",)}
+        run = {k: v for k, v in vars(args).items() if k != "progress"}
         run["samples"] = [args.samples]
         write_atomic(os.path.join(args.out, "run.json"), json.dumps(run, indent=1) + "\n")
     print(f"BGPO ({args.method}, n_t={args.samples}) on {args.model or 'the toy diffusion LM'}, "
           f"{args.steps} steps of {args.prompts}x{args.group} responses, device {device}")
     try:
-        train(policy, args, out=args.out, resume_from=checkpoint)
+        train(policy, args, out=args.out, resume_state=resume_state)
     except KeyboardInterrupt:
         found = checkpoints(args.out) if args.out else []
         hint = (f"continue with --resume {args.out} (from {os.path.basename(found[-1])})"

@@ -200,3 +200,16 @@ def test_command_line_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=bgpo.os.path.dirname(bgpo.__file__))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_resume_on_another_kind_of_device_is_refused(warm, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(SMALL + ["--save-every", "2", "--out", str(out)], capsys)[0] == 0
+    path = out / "checkpoint-2" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["device_type"] = "cuda"  # as if the run had been saved on a GPU
+    torch.save(state, path)
+    before = (out / "run.json").read_text()
+    status, err = run(["--resume", str(out), "--steps", "4"], capsys)
+    assert_clean_error(status, err, "--resume", "cuda")
+    assert (out / "run.json").read_text() == before
