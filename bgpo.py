@@ -785,8 +785,7 @@ def load_policy(args, parser, device, checkpoint=None):
         except ValueError as e:
             parser.error(str(e))
     mask_id = args.mask_id if args.mask_id is not None else tokenizer.mask_token_id
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() \
-        is not None else len(tokenizer)
+    vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
     if mask_id is None:
         parser.error(f"{path}: the tokenizer names no mask token; give --mask-id")
     if not 0 <= mask_id < vocab:
