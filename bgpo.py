@@ -39,6 +39,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import toy_dllm
 
@@ -492,8 +493,6 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
     out/metrics.jsonl atomically); every cfg.save_every steps a checkpoint is
     written; resume_state (from load_trainer_state) continues a run exactly.
     """
-    from tqdm import tqdm
-
     model, device = policy.model, policy.device
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)                # prompts, masks
@@ -516,6 +515,8 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
     metrics = state["metrics"]
     t_start = time.time() - state["seconds"]
 
+    last_acc = next((m["acc"] for m in reversed(metrics) if "acc" in m), state["acc_before"])
+    final_eval = None  # (accuracy, failures) at the last step, printed at the end
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), initial=state["step"],
                total=cfg.steps, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
@@ -528,9 +529,9 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
         record = dict(step=step, reward_mean=batch.rewards.mean().item(), loss=loss,
                       skipped_updates=skipped, seconds=round(time.time() - t_start, 3))
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["acc"] = evaluate_policy(policy, cfg)[0]
+            final_eval = evaluate_policy(policy, cfg, n_failures=3)
+            record["acc"] = last_acc = final_eval[0]
         metrics.append(record)
-        last_acc = next((m["acc"] for m in reversed(metrics) if "acc" in m), state["acc_before"])
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{last_acc:.2f}")
         state.update(step=step, seconds=time.time() - t_start)
         if out:
@@ -542,7 +543,7 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
                     torch_rng=torch.get_rng_state()))
     bar.close()
 
-    acc_after, failures = evaluate_policy(policy, cfg, n_failures=3)
+    acc_after, failures = final_eval or evaluate_policy(policy, cfg, n_failures=3)
     show("\n".join(failures))
     show(f"greedy test accuracy: {state['acc_before']:.1%} before RL -> {acc_after:.1%} after "
          f"{cfg.steps} steps ({time.time() - t_start:.0f}s)")
@@ -586,7 +587,7 @@ def compare(policy, cfg, sample_counts, repeats=2):
     model = policy.model
     batch = fixed_batch(policy, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    original = {k: v.clone() for k, v in model.state_dict().items()} if cfg.perturb > 0 else None
     rows = []
     for n in sample_counts:
         masks, weights = sample_masks(batch.responses, n, rng, cfg.scheme)
@@ -612,7 +613,8 @@ def compare(policy, cfg, sample_counts, repeats=2):
                              grad_max_abs_diff=(grad - reference).abs().max().item(),
                              peak_activation_bytes=nbytes, seconds=min(times),
                              cuda_peak_bytes=cuda_peak))
-        model.load_state_dict(original)
+        if cfg.perturb > 0:
+            model.load_state_dict(original)
     model.zero_grad(set_to_none=True)
     return rows
 
