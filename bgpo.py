@@ -375,6 +375,19 @@ def rollout(policy, problems, cfg, generator):
     return Rollout(problems, prompts, responses, rewards.to(policy.device),
                    group_advantages(rewards, cfg.group).to(policy.device))
 
+
+def masks_and_old_terms(policy, batch, n_samples, scheme, generator):
+    """Step 3: n_t masks per response, and the old policy's l_j on them.
+
+    The old policy is the model as it is now; its terms carry no gradient.
+    Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B).
+    """
+    masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
+    with torch.no_grad():
+        old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
+                               policy.mask_id)
+    return masks, weights, old_terms
+
 # -----------------------------------------------------------------------------
 # 6. The GRPO-style loop
 #    each step: rollout -> advantages -> masks + old terms (no grad) ->
@@ -390,10 +403,8 @@ def rl_step(policy, optimizer, batch, cfg, data_rng):
     because the loss or a gradient was not finite, peak activation bytes).
     """
     model = policy.model
-    masks, weights = sample_masks(batch.responses, cfg.samples, data_rng, cfg.scheme)
-    with torch.no_grad():
-        old_terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights,
-                               policy.mask_id)                                # (n_t, B)
+    masks, weights, old_terms = masks_and_old_terms(policy, batch, cfg.samples, cfg.scheme,
+                                                    data_rng)
     losses, skipped, peak = [], 0, 0
     n_prompts = batch.responses.shape[0] // cfg.group
     for groups in torch.arange(n_prompts).chunk(cfg.updates_per_batch):
@@ -590,12 +601,10 @@ def compare(policy, cfg, sample_counts, repeats=2):
     original = {k: v.clone() for k, v in model.state_dict().items()} if cfg.perturb > 0 else None
     rows = []
     for n in sample_counts:
-        masks, weights = sample_masks(batch.responses, n, rng, cfg.scheme)
-        with torch.no_grad():
-            old_terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights,
-                                   policy.mask_id)                            # (n_t, B)
-            if cfg.perturb > 0:
-                noise_rng = torch.Generator().manual_seed(cfg.seed)
+        masks, weights, old_terms = masks_and_old_terms(policy, batch, n, cfg.scheme, rng)
+        if cfg.perturb > 0:
+            noise_rng = torch.Generator().manual_seed(cfg.seed)
+            with torch.no_grad():
                 for p in model.parameters():
                     p.add_(cfg.perturb * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
         reference = None
@@ -624,9 +633,7 @@ def bgpo_gradient(policy, batch, n_samples, scheme, rng):
     and the largest ELBO weight w_j in that draw among samples that mask a token
     (a sample that masks nothing contributes nothing, whatever its weight)."""
     model = policy.model
-    masks, weights = sample_masks(batch.responses, n_samples, rng, scheme)
-    with torch.no_grad():
-        old_terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights, policy.mask_id)
+    masks, weights, old_terms = masks_and_old_terms(policy, batch, n_samples, scheme, rng)
     model.zero_grad(set_to_none=True)
     policy_loss_backward(model, batch.prompts, batch.responses, batch.advantages, masks,
                          weights, old_terms, policy.mask_id, method="bgpo")
@@ -686,10 +693,7 @@ def _number(kind, low=None, high=None, low_open=False):
 
 
 def _sample_counts(text):
-    counts = [_number(int, 1)(part) for part in text.split(",")]
-    if not counts:
-        raise argparse.ArgumentTypeError("give at least one n_t")
-    return counts
+    return [_number(int, 1)(part) for part in text.split(",")]
 
 
 def build_parser():
