@@ -213,3 +213,17 @@ def test_resume_on_another_kind_of_device_is_refused(warm, tmp_path, capsys):
     status, err = run(["--resume", str(out), "--steps", "4"], capsys)
     assert_clean_error(status, err, "--resume", "cuda")
     assert (out / "run.json").read_text() == before
+
+
+def test_output_piped_into_head_ends_without_traceback(warm):
+    """`python bgpo.py --compare ... | head -1`: the reader goes away early."""
+    import os
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "bgpo.py", "--compare", "--samples", "1,2",
+                             "--prompts", "2", "--group", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=os.path.dirname(bgpo.__file__))
+    proc.stdout.close()  # nobody reads what it prints
+    err = proc.stderr.read().decode()
+    proc.wait()
+    assert "Traceback" not in err
