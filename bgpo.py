@@ -72,10 +72,17 @@ def group_advantages(rewards, group_size):
 #    B(y|x) = E_t E_{y_t ~ q(.|t,y)} l(y_t, t, y | x)  <=  log pi(y|x)
 #    l_j    = w_j * sum_k 1[y_t^k = M] * log p(y^k | y_t, x)
 #    B_hat  = (1/n_t) sum_j l_j
-#    "uniform_t":  t ~ U(0,1), mask each token with prob. t, w = 1/t
+#    "uniform_t":  t ~ U(0,1), mask each token with prob. t (the forward
+#                  process itself), w = E[1/t | y_t] = (L+1)/k for k masked
 #    "stratified": mask exactly l of the L tokens, w = L/l, with the n_t counts
 #                  l_j = ((round(k + (j-1) L/n_t) - 1) mod L) + 1, k ~ U{1..L}
 #    Both have the same expectation; stratified has much lower variance.
+#    Why not w = 1/t as written: a sample with t near 0 that masks one token
+#    gets a huge weight, and the variance is infinite (P(one token masked) ~ L t,
+#    so E[w^2] ~ integral of L t / t^2 dt near 0 diverges). l depends on t only
+#    through w, so w may be replaced by its average over t given the mask (Rao-
+#    Blackwell): given k of L masked, t ~ Beta(k+1, L-k+1), and E[1/t] = (L+1)/k.
+#    Same expectation for every mask, lower variance, weight at most L+1.
 
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
@@ -115,7 +122,8 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     else:
         t = 1 - torch.rand(n_samples, B, generator=generator, device=dev)        # (n, B) in (0, 1]
         masks = torch.rand(n_samples, B, L, generator=generator, device=dev) < t[..., None]
-        weights = 1 / t
+        # E[1/t | k masked] (banner); a sample that masks nothing adds 0 whatever its weight
+        weights = (L + 1) / masks.sum(-1).clamp(min=1)
     return masks.to(responses.device), weights.float().to(responses.device)
 
 

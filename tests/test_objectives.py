@@ -169,15 +169,48 @@ def test_stratified_mask_counts():
     assert ((c[1] - c[0]) % 8 == 4).all()
 
 
-def test_uniform_t_masks_and_weights():
-    responses = torch.zeros(2000, 16, dtype=torch.long)
+@pytest.mark.parametrize("L", [3, 8, 13])
+def test_every_mth_stratified_sample_is_a_stratified_draw(L):
+    """grad-stats takes every (32/n)-th of 32 stratified samples as a draw of n:
+    its counts must follow the formula for n_t = n, with the same offset k."""
+    masks, _ = bgpo.sample_masks(torch.zeros(200, L, dtype=torch.long), 32,
+                                 torch.Generator().manual_seed(L))
+    counts = masks.sum(-1)                                          # (32, 200)
+    k = counts[0].double()                                          # j = 0 gives l = k
+    for n in (1, 2, 4, 8, 16, 32):
+        j = torch.arange(n, dtype=torch.float64)[:, None]
+        formula = (torch.round(k + j * L / n) - 1) % L + 1
+        assert torch.equal(counts[::32 // n].double(), formula)
+
+
+def test_uniform_t_masks_follow_the_forward_process():
+    """t ~ U(0,1) and each token masked with prob. t: the masked count k is
+    uniform on 0..L, and every position is masked half the time."""
+    L = 8
+    responses = torch.zeros(20000, L, dtype=torch.long)
     masks, weights = bgpo.sample_masks(responses, 1, torch.Generator().manual_seed(0), "uniform_t")
-    t = 1 / weights[0]
-    assert (t > 0).all() and (t <= 1).all()
-    assert abs(t.mean().item() - 0.5) < 0.03
-    # the masked fraction tracks each row's t
-    frac = masks[0].float().mean(-1)
-    assert (frac - t).abs().mean() < 0.15
+    k = masks[0].sum(-1)
+    freq = torch.bincount(k, minlength=L + 1).float() / k.numel()
+    assert (freq - 1 / (L + 1)).abs().max() < 0.012                # standard error ~0.002
+    assert (masks[0].float().mean(0) - 0.5).abs().max() < 0.02
+    assert (weights >= 1).all() and (weights <= L + 1).all()
+
+
+@pytest.mark.parametrize("L", [1, 3, 8])
+def test_uniform_t_weight_is_the_mean_of_1_over_t_given_the_mask(L):
+    """The weight of a mask with k of L tokens masked equals E[1/t | that mask],
+    computed a second way: P(mask | t) = t^k (1-t)^(L-k), integrated over t
+    numerically (midpoint rule)."""
+    t = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000
+    responses = torch.zeros(4000, L, dtype=torch.long)
+    masks, weights = bgpo.sample_masks(responses, 1, torch.Generator().manual_seed(L), "uniform_t")
+    k = masks[0].sum(-1)
+    for count in range(1, L + 1):
+        likelihood = t**count * (1 - t)**(L - count)
+        expected = (likelihood / t).mean() / likelihood.mean()
+        drawn = weights[0][k == count]
+        assert drawn.numel() > 0
+        assert torch.allclose(drawn.double(), expected.expand_as(drawn), rtol=1e-6)
 
 
 def exact_elbo(model, prompt, response):
@@ -185,7 +218,8 @@ def exact_elbo(model, prompt, response):
 
     Both schemes give mask m (|m| = k >= 1) the weight 1 / (k * C(L, k)):
     stratified draws k ~ U{1..L} (prob 1/L), a subset (1/C(L,k)), weight L/k;
-    uniform_t integrates t^k (1-t)^(L-k) / t over t, which is the same number.
+    uniform_t draws m with prob. integral of t^k (1-t)^(L-k) dt = 1 / ((L+1) C(L,k))
+    and weights it (L+1)/k: the same number.
     """
     L = response.shape[1]
     total = torch.zeros((), dtype=torch.float64)
@@ -212,6 +246,24 @@ def test_monte_carlo_elbo_matches_exact_enumeration(model64, scheme):
     se = est.std() / math.sqrt(R)
     assert abs(est.mean().item() - exact) < 4 * se.item()
     assert exact < 0
+
+
+def test_uniform_t_weight_has_lower_variance_than_1_over_t(model64):
+    """Rao-Blackwell: on the same forward-process masks, weighting by (L+1)/k
+    instead of 1/t leaves the mean alone and cuts the variance (1/t's is infinite)."""
+    prompt, response = random_batch(1, 6, 3, seed=5)
+    R, L = 4000, 3
+    g = torch.Generator().manual_seed(3)
+    t = 1 - torch.rand(R, generator=g, dtype=torch.float64)
+    masks = torch.rand(R, L, generator=g, dtype=torch.float64) < t[:, None]
+    k = masks.sum(-1)
+    ones = torch.ones(R, dtype=torch.float64)
+    with torch.no_grad():
+        s = bgpo.elbo_term(model64, prompt.expand(R, 6), response.expand(R, L), masks, ones, MASK)
+    literal, ours = s / t, s * (L + 1) / k.clamp(min=1)
+    exact = exact_elbo(model64, prompt, response)
+    assert abs(ours.mean().item() - exact) < 4 * ours.std().item() / math.sqrt(R)
+    assert ours.var() < literal.var() / 2
 
 
 def test_stratified_has_lower_variance_than_uniform_t(model64):
