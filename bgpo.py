@@ -582,11 +582,16 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
 #    compare:    for each n_t and method, the objective (1/B) sum_i R_i, the
 #                largest gradient difference to "naive", the peak activation
 #                bytes and the time of one policy_loss_backward call.
-#    grad-stats: on-policy BGPO gradients from 8 independent mask draws;
+#    grad-stats: on-policy BGPO gradients g_1..g_8 from 8 independent mask
+#                draws at each n_t, against a "golden" gradient g*, the mean
+#                of 8 draws at n_t = 256 (stratified):
 #                relative std  = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
-#                relative bias = |mean g - g*| / |g*|
-#                with g* a "golden" gradient: the mean of 8 draws at n_t = 256
-#                (stratified).
+#                relative bias = mean_r |g_r - g*| / |g*|
+#                Draw r takes max(n_t) masks per response; the row for n_t
+#                uses every (max/n_t)-th of them, which is itself a draw of
+#                n_t samples (for stratified: the same offset k, spacing
+#                L/n_t). The rows share random numbers, so the change from
+#                one row to the next is due to n_t, not to luck.
 
 
 def flat_grad(model):
@@ -636,42 +641,47 @@ def compare(policy, cfg, sample_counts, repeats=2):
     return rows
 
 
-def bgpo_gradient(policy, batch, n_samples, scheme, rng):
-    """The on-policy BGPO gradient for one draw of n_samples masks per response,
-    and the largest ELBO weight w_j in that draw among samples that mask a token
-    (a sample that masks nothing contributes nothing, whatever its weight)."""
+def bgpo_gradient(policy, batch, masks, weights, old_terms):
+    """The on-policy BGPO gradient on the given masks, as one flat vector."""
     model = policy.model
-    masks, weights, old_terms = masks_and_old_terms(policy, batch, n_samples, scheme, rng)
     model.zero_grad(set_to_none=True)
     policy_loss_backward(model, batch.prompts, batch.responses, batch.advantages, masks,
                          weights, old_terms, policy.mask_id, method="bgpo")
     grad = flat_grad(model)
     model.zero_grad(set_to_none=True)
-    return grad, weights[masks.any(-1)].max().item()
+    return grad
 
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
-    """Rows of scheme x n_t: relative std and bias of the BGPO gradient."""
+    """Rows of scheme x n_t: relative std and bias of the BGPO gradient (see the banner)."""
     batch = fixed_batch(policy, cfg)
     if not batch.advantages.any():
         raise ValueError("every group of the fixed batch has equal rewards: no gradient to study")
     rng = torch.Generator().manual_seed(cfg.seed)
-    # the golden gradient is itself averaged over `draws` draws, so that its own
-    # noise stays well below the bias being measured
-    golden = torch.stack([bgpo_gradient(policy, batch, golden_samples, "stratified", rng)[0]
+
+    def draw(n, scheme):  # masks, weights, old_terms
+        return masks_and_old_terms(policy, batch, n, scheme, rng)
+
+    golden = torch.stack([bgpo_gradient(policy, batch, *draw(golden_samples, "stratified"))
                           for _ in range(draws)]).mean(0)
+    largest = max(sample_counts)
     rows = []
     for scheme in SCHEMES:
+        grads = {n: [] for n in sample_counts}
+        for _ in range(draws):
+            shared = draw(largest, scheme)
+            for n in grads:  # each count once, even if listed twice
+                if largest % n == 0:
+                    masks, weights, old_terms = (x[::largest // n] for x in shared)
+                else:  # not a sub-grid of the shared draw: a draw of its own
+                    masks, weights, old_terms = draw(n, scheme)
+                grads[n].append(bgpo_gradient(policy, batch, masks, weights, old_terms))
         for n in sample_counts:
-            grads, max_weights = zip(*[bgpo_gradient(policy, batch, n, scheme, rng)
-                                       for _ in range(draws)])
-            grads = torch.stack(grads)                                             # (draws, P)
-            mean = grads.mean(0)
-            std = (grads - mean).pow(2).sum(1).sum().div(draws - 1).sqrt()
+            g = torch.stack(grads[n])                                        # (draws, P)
+            std = (g - g.mean(0)).pow(2).sum().div(draws - 1).sqrt()
             rows.append(dict(scheme=scheme, samples=n,
                              rel_std=(std / golden.norm()).item(),
-                             rel_bias=((mean - golden).norm() / golden.norm()).item(),
-                             max_weight=max(max_weights)))
+                             rel_bias=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
     return rows
 
 # -----------------------------------------------------------------------------
@@ -933,10 +943,9 @@ def format_table(rows):
         if rows[0]["cuda_peak_bytes"] is not None:
             head.append("CUDA peak MB")
     else:
-        # w_j / n_t: the largest share of one sample in a draw's average
-        head = ["scheme", "n_t", "rel. std", "rel. bias", "largest w_j/n_t"]
-        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}",
-                 f"{r['max_weight'] / r['samples']:.1f}"] for r in rows]
+        head = ["scheme", "n_t", "rel. std", "rel. bias"]
+        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}"]
+                for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
     return "\n".join(lines)
