@@ -235,7 +235,7 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
         return elbo_term(model, prompts, responses, masks[j], weights[j], mask_id)  # (B,)
 
     if method == "naive":
-        terms = torch.stack([term(j) for j in range(n)])           # (n, B): n graphs alive
+        terms = elbo_terms(model, prompts, responses, masks, weights, mask_id)  # n graphs alive
         loss = -naive_objective(terms, old_terms, advantages, clip).mean()
         loss.backward()
         return loss.item()
@@ -251,7 +251,8 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
     # two_pass: R depends on the samples only through m = mean_j d_j, so
     # dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t) sum_j dl_ij/dtheta.
     with torch.no_grad():
-        mean_d = torch.stack([term(j) for j in range(n)]).sub(old_terms).mean(0)  # (B,)
+        mean_d = (elbo_terms(model, prompts, responses, masks, weights, mask_id)
+                  - old_terms).mean(0)                                           # (B,)
     mean_d.requires_grad_(True)
     objective = clipped(torch.exp(mean_d), advantages, clip)       # (B,)
     coef, = torch.autograd.grad(objective.sum(), mean_d)           # = A e^{mean d} unclipped

@@ -49,10 +49,8 @@ def test_first_step_naive_and_bgpo_give_the_same_gradient(warm):
     assert batch.advantages.abs().sum() > 0
     grads = {}
     for method in ("naive", "bgpo"):
-        masks, weights = bgpo.sample_masks(batch.responses, 8, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            old = bgpo.elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
-                                  policy.mask_id)
+        masks, weights, old = bgpo.masks_and_old_terms(policy, batch, 8, "stratified",
+                                                       torch.Generator().manual_seed(0))
         policy.model.zero_grad()
         bgpo.policy_loss_backward(policy.model, batch.prompts, batch.responses, batch.advantages,
                                   masks, weights, old, policy.mask_id, method=method)
