@@ -75,7 +75,13 @@ def group_advantages(rewards, group_size):
 #    "uniform_t":  t ~ U(0,1), mask each token with prob. t (the forward
 #                  process itself), w = E[1/t | y_t] = (L+1)/k for k masked
 #    "stratified": mask exactly l of the L tokens, w = L/l, with the n_t counts
-#                  l_j = ((round(k + (j-1) L/n_t) - 1) mod L) + 1, k ~ U{1..L}
+#                  l_j = ((k - 1 + floor((j-1) L/n_t)) mod L) + 1, k ~ U{1..L}
+#                  one offset k per response: each l_j on its own is uniform on
+#                  1..L, and together they spread evenly over 1..L (n_t = L:
+#                  every count once). LLaDA's and the official code write
+#                  round(k + (j-1) L/n_t); round() sends ties (odd L, even n_t)
+#                  to the even number, and that sample's count is then not
+#                  uniform: biased. floor has no ties.
 #    Both have the same expectation; stratified has much lower variance.
 #    Why not w = 1/t as written: a sample with t near 0 that masks one token
 #    gets a huge weight, and the variance is infinite (P(one token masked) ~ L t,
@@ -112,8 +118,10 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     dev = generator.device if generator is not None else responses.device
     if scheme == "stratified":
         k = torch.randint(1, L + 1, (B,), generator=generator, device=dev)       # (B,)
-        offsets = torch.arange(n_samples, device=dev)[:, None] * L / n_samples   # (n, 1)
-        counts = (torch.round(k + offsets) - 1) % L + 1                           # (n, B) in 1..L
+        # floor(j L / n_t) in integers: k - 1 + offset is a uniform draw shifted
+        # by a constant, so each count on its own is uniform on 1..L
+        offsets = torch.arange(n_samples, device=dev)[:, None] * L // n_samples  # (n, 1)
+        counts = (k - 1 + offsets) % L + 1                                        # (n, B) in 1..L
         # mask the `count` positions with the smallest random keys: a uniform subset
         keys = torch.rand(n_samples, B, L, generator=generator, device=dev)
         ranks = keys.argsort(-1).argsort(-1)                                      # (n, B, L)
