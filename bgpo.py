@@ -393,13 +393,17 @@ def rollout(policy, problems, cfg, generator):
                    group_advantages(rewards, cfg.group).to(policy.device))
 
 
-def masks_and_old_terms(policy, batch, n_samples, scheme, generator):
+def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False):
     """Step 3: n_t masks per response, and the old policy's l_j on them.
 
     The old policy is the model as it is now; its terms carry no gradient.
+    length_norm divides every l_j by the response length L (the official
+    code's per-token ELBO), so d_j and a clip band act per token.
     Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B).
     """
     masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
+    if length_norm:
+        weights = weights / batch.responses.shape[1]
     with torch.no_grad():
         old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
                                policy.mask_id)
@@ -421,7 +425,7 @@ def rl_step(policy, optimizer, batch, cfg, data_rng):
     """
     model = policy.model
     masks, weights, old_terms = masks_and_old_terms(policy, batch, cfg.samples, cfg.scheme,
-                                                    data_rng)
+                                                    data_rng, cfg.length_norm)
     losses, skipped, peak = [], 0, 0
     n_prompts = batch.responses.shape[0] // cfg.group
     for groups in torch.arange(n_prompts).chunk(cfg.updates_per_batch):
@@ -433,9 +437,10 @@ def rl_step(policy, optimizer, batch, cfg, data_rng):
             masks[:, rows], weights[:, rows], old_terms[:, rows], policy.mask_id,
             method=cfg.method, clip=cfg.clip), model, policy.device)
         peak = max(peak, nbytes)
-        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters()
-                           if p.grad is not None)
-        if not (math.isfinite(loss) and grads_finite):
+        # the norm of all gradients together, before clipping: nan or inf if any is
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.max_grad_norm or math.inf)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             warnings.warn(f"non-finite loss ({loss}) or gradient: update skipped")
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -484,13 +489,24 @@ def checkpoints(out):
         (s for s in steps if s.isdigit()), key=int)]
 
 
+SAVED_SETTINGS = "bgpo.json"  # beside a saved model: what --model needs to use it again
+
+
+def save_model(policy, path):
+    """save_pretrained for the model and tokenizer, plus the response length
+    and mask id, so that `--model path` works again with no other flag."""
+    policy.model.save_pretrained(path)
+    policy.tokenizer.save_pretrained(path)
+    write_atomic(os.path.join(path, SAVED_SETTINGS), json.dumps(dict(
+        response_length=policy.response_length, mask_id=policy.mask_id), indent=1) + "\n")
+
+
 def save_checkpoint(out, policy, optimizer, state):
     """Model, tokenizer, optimizer, RNG states and step, then drop older ones."""
     path = os.path.join(out, f"checkpoint-{state['step']}")
 
     def save(tmp):
-        policy.model.save_pretrained(tmp)
-        policy.tokenizer.save_pretrained(tmp)
+        save_model(policy, tmp)
         torch.save({**state, "optimizer": optimizer.state_dict()},
                    os.path.join(tmp, "trainer_state.pt"))
 
@@ -581,8 +597,7 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
                    peak_activation_bytes=state["peak_activation_bytes"],
                    skipped_updates=state["skipped_updates"])
     if out:
-        save_dir_atomic(os.path.join(out, "model"), lambda tmp: (
-            policy.model.save_pretrained(tmp), policy.tokenizer.save_pretrained(tmp)))
+        save_dir_atomic(os.path.join(out, "model"), lambda tmp: save_model(policy, tmp))
         write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -594,8 +609,11 @@ def train(policy, cfg, out=None, resume_state=None, show=print):
 #    grad-stats: on-policy BGPO gradients g_1..g_8 from 8 independent mask
 #                draws at each n_t, against a "golden" gradient g*, the mean
 #                of 8 draws at n_t = 256 (stratified):
-#                relative std  = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
-#                relative bias = mean_r |g_r - g*| / |g*|
+#                relative std   = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
+#                relative bias  = |mean_r g_r - g*| / |g*|
+#                bias floor     = what noise alone gives the bias column:
+#                                 sqrt(std^2 / 8 + var(g*)) / |g*|
+#                relative error = mean_r |g_r - g*| / |g*|  (one draw's distance)
 #                Draw r takes max(n_t) masks per response; the row for n_t
 #                uses every (max/n_t)-th of them, which is itself a draw of
 #                n_t samples (for stratified: the same offset k, spacing
@@ -623,7 +641,8 @@ def compare(policy, cfg, sample_counts, repeats=2):
     original = {k: v.clone() for k, v in model.state_dict().items()} if cfg.perturb > 0 else None
     rows = []
     for n in sample_counts:
-        masks, weights, old_terms = masks_and_old_terms(policy, batch, n, cfg.scheme, rng)
+        masks, weights, old_terms = masks_and_old_terms(policy, batch, n, cfg.scheme, rng,
+                                                        cfg.length_norm)
         if cfg.perturb > 0:
             noise_rng = torch.Generator().manual_seed(cfg.seed)
             with torch.no_grad():
@@ -662,7 +681,7 @@ def bgpo_gradient(policy, batch, masks, weights, old_terms):
 
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
-    """Rows of scheme x n_t: relative std and bias of the BGPO gradient (see the banner)."""
+    """Rows of scheme x n_t: relative std, bias and error of the BGPO gradient (see the banner)."""
     batch = fixed_batch(policy, cfg)
     if not batch.advantages.any():
         raise ValueError("every group of the fixed batch has equal rewards: no gradient to study")
@@ -671,8 +690,10 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     def draw(n, scheme):  # masks, weights, old_terms
         return masks_and_old_terms(policy, batch, n, scheme, rng)
 
-    golden = torch.stack([bgpo_gradient(policy, batch, *draw(golden_samples, "stratified"))
-                          for _ in range(draws)]).mean(0)
+    golden_draws = torch.stack([bgpo_gradient(policy, batch, *draw(golden_samples, "stratified"))
+                                for _ in range(draws)])                        # (draws, P)
+    golden = golden_draws.mean(0)
+    golden_var = (golden_draws - golden).pow(2).sum() / (draws - 1) / draws   # of the mean
     largest = max(sample_counts)
     rows = []
     for scheme in SCHEMES:
@@ -687,10 +708,12 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
                 grads[n].append(bgpo_gradient(policy, batch, masks, weights, old_terms))
         for n in sample_counts:
             g = torch.stack(grads[n])                                        # (draws, P)
-            std = (g - g.mean(0)).pow(2).sum().div(draws - 1).sqrt()
+            var = (g - g.mean(0)).pow(2).sum() / (draws - 1)                # of one draw
             rows.append(dict(scheme=scheme, samples=n,
-                             rel_std=(std / golden.norm()).item(),
-                             rel_bias=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
+                             rel_std=(var.sqrt() / golden.norm()).item(),
+                             rel_bias=((g.mean(0) - golden).norm() / golden.norm()).item(),
+                             bias_floor=((var / draws + golden_var).sqrt() / golden.norm()).item(),
+                             rel_error=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
     return rows
 
 # -----------------------------------------------------------------------------
@@ -729,7 +752,7 @@ def build_parser():
     mode.add_argument("--compare", action="store_true",
                       help="table: naive vs two_pass vs bgpo, per n_t (value, gradient, memory, time)")
     mode.add_argument("--grad-stats", action="store_true",
-                      help="table: relative std and bias of the BGPO gradient, per n_t and scheme")
+                      help="table: relative std, bias and error of the BGPO gradient, per n_t and scheme")
     a = p.add_argument
     a("--samples", type=_sample_counts, default=[16], metavar="N[,N...]",
       help="n_t, Monte-Carlo samples per response (a list for --compare / --grad-stats)")
@@ -750,6 +773,10 @@ def build_parser():
       help="optimizer updates per rollout batch, on disjoint mini-batches (1 = on-policy)")
     a("--clip", type=_number(float, 0, 1, low_open=True), default=None, metavar="EPS",
       help="PPO clipping of the surrogate ratio (off by default, as in the paper)")
+    a("--length-norm", action="store_true",
+      help="divide each ELBO term by the response length, as the official code does")
+    a("--max-grad-norm", type=_number(float, 0, low_open=True), default=None, metavar="X",
+      help="clip the gradient's total norm to X before each update (off by default)")
     a("--eval-every", type=_number(int, 1), default=25, help="steps between test evaluations")
     a("--perturb", type=_number(float, 0), default=0.0,
       help="--compare only: perturb the weights by this many parameter stds (off-policy)")
@@ -793,9 +820,20 @@ def load_checkpoint(path, trust_remote_code):
     return model, tokenizer
 
 
+def saved_settings(path):
+    """The response length and mask id that save_model wrote beside a model, or {}."""
+    try:
+        with open(os.path.join(path, SAVED_SETTINGS)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def load_policy(args, parser, device, checkpoint=None):
     """The toy warm start, or the checkpoint given by --model (or --resume)."""
     path = checkpoint or args.model
+    source = f"--resume {args.resume}" if checkpoint else f"--model {path}"
     if path is None:
         try:
             model, tokenizer, task, _ = toy_dllm.warm_start(n_digits=args.digits,
@@ -805,19 +843,21 @@ def load_policy(args, parser, device, checkpoint=None):
     else:
         looks_like_hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
         if not os.path.exists(path) and not looks_like_hub_name:
-            parser.error(f"--model {path}: no such file or directory")
+            parser.error(f"{source}: no such file or directory")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model, tokenizer = load_checkpoint(path, args.trust_remote_code)
         except Exception as e:  # transformers raises many kinds; all mean "unusable"
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            parser.error(f"--model {path}: cannot load a masked LM and tokenizer ({reason})")
+            parser.error(f"{source}: cannot load a masked LM and tokenizer ({reason})")
         try:
             task = toy_dllm.make_task(args.digits, args.test_size)
         except ValueError as e:
             parser.error(str(e))
-    mask_id = args.mask_id if args.mask_id is not None else tokenizer.mask_token_id
+    saved = saved_settings(path) if path else {}
+    mask_id = next((m for m in (args.mask_id, saved.get("mask_id"), tokenizer.mask_token_id)
+                    if m is not None), None)
     vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
     if mask_id is None:
         parser.error(f"{path}: the tokenizer names no mask token; give --mask-id")
@@ -829,7 +869,8 @@ def load_policy(args, parser, device, checkpoint=None):
         parser.error(f"{path}: {e}")
     answer_ids = tokenizer(task.answers(task.test), add_special_tokens=False)["input_ids"]
     longest = max(len(ids) for ids in answer_ids)
-    length = args.response_length or (task.answer_length if path is None else longest + 1)
+    length = (args.response_length or saved.get("response_length")
+              or (task.answer_length if path is None else longest + 1))
     if length < longest:
         parser.error(f"--response-length {length} is shorter than the longest answer ({longest} tokens)")
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -852,7 +893,7 @@ def prepare_out(out, parser, resuming):
         parser.error(f"--out {out} already holds a run; use --resume {out} or another --out")
 
 
-RESUMABLE = ("steps", "device", "save_every")  # what --resume lets you change
+RESUMABLE = ("steps", "device", "save_every", "trust_remote_code")  # what --resume may change
 
 
 def parse_args(parser, argv):
@@ -868,14 +909,25 @@ def parse_args(parser, argv):
         saved, found = os.path.join(args.resume, "run.json"), checkpoints(args.resume)
         if not os.path.isfile(saved) or not found:
             parser.error(f"--resume {args.resume}: no run with a checkpoint there")
-        with open(saved) as f:
-            run = json.load(f)
+        try:
+            with open(saved) as f:
+                run = json.load(f)
+        except (OSError, ValueError) as e:
+            parser.error(f"--resume {args.resume}: cannot read run.json ({e})")
+        if not isinstance(run, dict) or not {"samples", "method", "steps", "seed"} <= set(run):
+            parser.error(f"--resume {args.resume}: run.json does not hold this program's settings")
+        if run.get("trust_remote_code") and "trust_remote_code" not in given:
+            parser.error(f"--resume {args.resume}: its model ships code of its own; "
+                         "add --trust-remote-code to allow it to run")
         changed = sorted(k for k in given - {"resume", "out", *RESUMABLE}
                          if getattr(args, k) != run.get(k))
         if changed:
             parser.error("--resume continues a run as it was set up; "
                          f"cannot change --{changed[0].replace('_', '-')}")
-        args = argparse.Namespace(**{**run, **{k: getattr(args, k) for k in given}})
+        # a setting that run.json lacks (a flag added since) keeps its default;
+        # consent to run shipped code comes from this command line only
+        args = argparse.Namespace(**{**vars(args), **run, "trust_remote_code": False,
+                                     **{k: getattr(args, k) for k in given}})
         args.out, checkpoint = args.resume, found[-1]
     if not (args.compare or args.grad_stats):
         if len(args.samples) != 1:
@@ -920,7 +972,11 @@ def main(argv=None):
         try:
             resume_state = load_trainer_state(checkpoint, device)
         except ValueError as e:
-            parser.error(f"--resume: {e}")
+            parser.error(f"--resume {args.resume}: {e}")
+        except Exception as e:  # truncated or foreign file: torch raises many kinds
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            parser.error(f"--resume {args.resume}: cannot read "
+                         f"{os.path.basename(checkpoint)}/trainer_state.pt ({reason})")
     if args.out:  # only now, with every check passed, is anything written
         prepare_out(args.out, parser, resuming=checkpoint is not None)
         run = {k: v for k, v in vars(args).items() if k != "progress"}
@@ -952,9 +1008,9 @@ def format_table(rows):
         if rows[0]["cuda_peak_bytes"] is not None:
             head.append("CUDA peak MB")
     else:
-        head = ["scheme", "n_t", "rel. std", "rel. bias"]
-        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}"]
-                for r in rows]
+        head = ["scheme", "n_t", "rel. std", "rel. bias", "bias floor", "rel. error"]
+        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}",
+                 f"{r['bias_floor']:.3f}", f"{r['rel_error']:.3f}"] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
     return "\n".join(lines)

@@ -85,7 +85,7 @@ def test_cuda_requested_without_cuda(capsys):
 def test_unwritable_out(warm, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    status, err = run(TINY + ["--out", str(blocker / "run")], capsys)
+    status, err = run(SMALL + ["--out", str(blocker / "run")], capsys)
     assert_clean_error(status, err, "--out", "cannot write")
 
 
@@ -227,3 +227,92 @@ def test_output_piped_into_head_ends_without_traceback(warm):
     err = proc.stderr.read().decode()
     proc.wait()
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def saved_run(warm, tmp_path_factory):
+    """A 3-step toy run with a checkpoint at step 3. Tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert run(SMALL + ["--save-every", "3", "--out", str(out)])[0] == 0
+    return out
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["trainer_state", "model_file", "run_json_not_json",
+                                    "run_json_not_object"])
+def test_damaged_run_is_a_one_line_error_that_changes_nothing(saved_run, tmp_path, capsys,
+                                                              damage):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    if damage == "trainer_state":
+        truncate(out / "checkpoint-3" / "trainer_state.pt")
+    elif damage == "model_file":
+        truncate(out / "checkpoint-3" / "model.safetensors")
+    elif damage == "run_json_not_json":
+        (out / "run.json").write_text('{"samples": [2], "method": ')
+    else:
+        (out / "run.json").write_text('["samples", 2]')
+    before = snapshot(out)
+    status, err = run(["--resume", str(out), "--steps", "4"], capsys)
+    assert_clean_error(status, err, f"--resume {out}:")
+    assert "--model" not in err
+    assert snapshot(out) == before
+
+
+def test_saved_model_loads_back_with_model_flag_alone(saved_run, capsys):
+    """What --out saved is usable as --model with no other flag: the response
+    length and mask id saved beside it are used."""
+    status, err = run(["--model", str(saved_run / "model"), "--compare", "--samples", "1",
+                       "--prompts", "2", "--group", "2"], capsys)
+    assert status == 0, err
+    args, _ = bgpo.parse_args(bgpo.build_parser(), ["--model", str(saved_run / "model")])
+    policy = bgpo.load_policy(args, bgpo.build_parser(), torch.device("cpu"))
+    assert policy.response_length == 3 and policy.mask_id == 13
+
+
+def make_remote_code_checkpoint(path, trace):
+    """A masked LM whose code ships with the checkpoint (an `auto_map` in its
+    config) and that writes `trace` when that code is imported."""
+    make_bert_checkpoint(path)
+    (path / "configuration_tracer.py").write_text(
+        "from transformers import BertConfig\n\n\n"
+        "class TracerConfig(BertConfig):\n    model_type = 'tracer'\n")
+    (path / "modeling_tracer.py").write_text(
+        f"import pathlib\npathlib.Path({str(trace)!r}).write_text('ran')\n"
+        "from transformers import BertForMaskedLM\n"
+        "from .configuration_tracer import TracerConfig\n\n\n"
+        "class TracerForMaskedLM(BertForMaskedLM):\n    config_class = TracerConfig\n")
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="tracer", architectures=["TracerForMaskedLM"], auto_map={
+        "AutoConfig": "configuration_tracer.TracerConfig",
+        "AutoModelForMaskedLM": "modeling_tracer.TracerForMaskedLM"})
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_shipped_code_runs_only_with_trust_remote_code_typed(tmp_path, capsys):
+    trace = tmp_path / "trace"
+    make_remote_code_checkpoint(tmp_path / "tracer", trace)
+    out = tmp_path / "run"
+    status, err = run(TINY + ["--model", str(tmp_path / "tracer"), "--out", str(out)], capsys)
+    assert status == 2 and not trace.exists()                  # no consent: nothing ran
+    status, err = run(TINY + ["--model", str(tmp_path / "tracer"), "--trust-remote-code",
+                              "--save-every", "1", "--out", str(out)], capsys)
+    assert status == 0, err
+    assert trace.exists() and (out / "checkpoint-2" / "modeling_tracer.py").exists()
+    trace.unlink()
+    before = snapshot(out)
+    status, err = run(["--resume", str(out), "--steps", "3"], capsys)
+    assert_clean_error(status, err, f"--resume {out}", "--trust-remote-code")
+    assert not trace.exists() and snapshot(out) == before
+    status, err = run(["--resume", str(out), "--steps", "3", "--trust-remote-code"], capsys)
+    assert status == 0, err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

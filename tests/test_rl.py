@@ -120,7 +120,7 @@ def test_bgpo_and_naive_runs_match_on_policy(warm, tmp_path, capsys):
     ("--updates-per-batch", "0"), ("--clip", "0"), ("--clip", "1.5"), ("--eval-every", "0"),
     ("--samples", "0"), ("--samples", "4,0"), ("--samples", "a"), ("--save-every", "0"),
     ("--mask-id", "-2"), ("--response-length", "0"), ("--digits", "0"), ("--test-size", "0"),
-    ("--perturb", "-1"), ("--method", "ppo"), ("--scheme", "sorted"), ("--device", "tpu"),
+    ("--perturb", "-1"), ("--max-grad-norm", "0"), ("--method", "ppo"), ("--scheme", "sorted"), ("--device", "tpu"),
 ])
 def test_numeric_flags_are_range_checked(flag, value, capsys):
     status, err = run([flag, value], capsys)
@@ -141,7 +141,7 @@ def test_inconsistent_flags_are_one_line_errors(warm, argv, words, capsys):
     assert status == 2 and words in err and err.count("\n") == 1
 
 
-def test_grad_stats_std_and_bias_fall_with_more_samples(warm):
+def test_grad_stats_std_and_error_fall_with_more_samples_and_bias_is_noise(warm):
     """Monte-Carlo averaging: 16 samples give a less noisy gradient, closer to
     the golden one, than 1, for both schemes (fewer draws and a cheaper golden
     than the CLI). 3 is not a sub-grid of 16's draw: it gets draws of its own."""
@@ -154,6 +154,46 @@ def test_grad_stats_std_and_bias_fall_with_more_samples(warm):
         (scheme, n) for scheme in ("stratified", "uniform_t") for n in (1, 3, 16)]
     for one, three, sixteen in (rows[:3], rows[3:]):
         assert sixteen["rel_std"] < one["rel_std"] / 2      # ~1/4 expected
-        assert sixteen["rel_bias"] < one["rel_bias"] / 2
+        assert sixteen["rel_error"] < one["rel_error"] / 2
         assert sixteen["rel_std"] < three["rel_std"]
+    for r in rows:  # on-policy BGPO is unbiased: what the bias column shows is noise
+        assert r["rel_bias"] < 3 * r["bias_floor"]
+        assert r["rel_bias"] < r["rel_error"]
     assert model.training is False and all(p.grad is None for p in model.parameters())
+
+def toy_policy(warm):
+    model, tokenizer, task, _ = warm
+    return bgpo.Policy(copy.deepcopy(model), tokenizer, task, tokenizer.mask_token_id,
+                       task.answer_length, torch.device("cpu"))
+
+
+def test_length_norm_divides_every_term_by_the_response_length(warm):
+    """--length-norm: l_j / L, so on-policy the gradient is the plain one / L,
+    and a clip band acts on d_j / L."""
+    policy = toy_policy(warm)
+    cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
+    batch = bgpo.fixed_batch(policy, cfg)
+    grads = {}
+    for norm in (False, True):
+        masks, weights, old = bgpo.masks_and_old_terms(
+            policy, batch, 4, "stratified", torch.Generator().manual_seed(0), length_norm=norm)
+        grads[norm] = bgpo.bgpo_gradient(policy, batch, masks, weights, old)
+        grads[norm, "old"] = old
+    L = batch.responses.shape[1]
+    assert torch.allclose(grads[True, "old"], grads[False, "old"] / L)
+    assert grads[False].abs().max() > 0
+    assert torch.allclose(grads[True], grads[False] / L, rtol=1e-4, atol=1e-6 * grads[False].abs().max())
+
+
+def test_max_grad_norm_clips_the_update(warm, monkeypatch):
+    policy = toy_policy(warm)
+    cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4", "--max-grad-norm", "1e-3"])
+    cfg.samples = 2
+    batch = bgpo.fixed_batch(policy, cfg)
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+    norms = []
+    real_step = optimizer.step
+    monkeypatch.setattr(optimizer, "step", lambda: (norms.append(bgpo.flat_grad(policy.model).norm().item()),
+                                                    real_step()))
+    bgpo.rl_step(policy, optimizer, batch, cfg, torch.Generator().manual_seed(0))
+    assert norms and norms[0] == pytest.approx(1e-3, rel=1e-3)
