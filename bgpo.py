@@ -135,13 +135,14 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     return masks.to(responses.device), weights.float().to(responses.device)
 
 
-def elbo_term(model, prompts, responses, mask, weight, mask_id):
+def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None):
     """One Monte-Carlo sample l_j of the ELBO for every response; differentiable.
 
     Args:
         model: any transformers masked LM: model(input_ids=...).logits is (B, T, V).
         prompts: Long (B, Lp); responses: Long (B, L);
-        mask: Bool (B, L), True where y_t has [MASK]; weight: Float (B,).
+        mask: Bool (B, L), True where y_t has [MASK]; weight: Float (B,);
+        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
     Returns:
         Float (B,): w * sum_k mask_k * log p(y^k | y_t, x).
     """
@@ -153,14 +154,15 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id):
     if weight.shape != (B,):
         raise ValueError(f"weight must be ({B},), got shape {tuple(weight.shape)}")
     mask = mask.bool()
-    logp = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id)  # (B, L)
+    logp = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id,
+                                    prompt_mask)                                # (B, L)
     return weight.to(logp.dtype) * (logp * mask).sum(-1)                       # (B,)
 
 
-def elbo_terms(model, prompts, responses, masks, weights, mask_id):
+def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
     """elbo_term for each of the n_t masks: Float (n_t, B). Call it under
     torch.no_grad() for the old policy's terms, as it keeps every graph."""
-    return torch.stack([elbo_term(model, prompts, responses, m, w, mask_id)
+    return torch.stack([elbo_term(model, prompts, responses, m, w, mask_id, prompt_mask)
                         for m, w in zip(masks, weights)])
 
 # -----------------------------------------------------------------------------
@@ -198,7 +200,8 @@ def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None):
     return clipped(ratio, advantages, clip) / n_samples
 
 
-def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method):
+def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
+                       prompt_mask):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     if responses.dim() != 2:
@@ -213,10 +216,13 @@ def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if prompts.dim() != 2 or prompts.shape[0] != B:
         raise ValueError(f"prompts must be ({B}, Lp), got shape {tuple(prompts.shape)}")
+    if prompt_mask is not None and prompt_mask.shape != prompts.shape:
+        raise ValueError(f"prompt_mask must have the prompts' shape {tuple(prompts.shape)}, "
+                         f"got {tuple(prompt_mask.shape)}")
 
 
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
-                         old_terms, mask_id, method="bgpo", clip=None):
+                         old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None):
     """Backward the RL loss L = -(1/B) sum_i R_i into the model's .grad.
 
     Gradients accumulate (nothing is zeroed), as in gradient accumulation.
@@ -230,20 +236,23 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                 "two_pass" the naive gradient at constant memory: a no-grad
                            pass finds c_i = dR_i / d(mean d_i), then sample j
                            backwards -(1/B) sum_i c_i l_ij / n_t on its own;
-        clip: PPO epsilon, or None (the paper) for no clipping.
+        clip: PPO epsilon, or None (the paper) for no clipping;
+        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
     Returns:
         L's value, a float.
     """
-    _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method)
+    _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
+                       prompt_mask)
     n = masks.shape[0]
     # the old policy's terms and the advantages are constants of the objective
     old_terms, advantages = old_terms.detach(), advantages.detach()
 
     def term(j):
-        return elbo_term(model, prompts, responses, masks[j], weights[j], mask_id)  # (B,)
+        return elbo_term(model, prompts, responses, masks[j], weights[j], mask_id,
+                         prompt_mask)                                                # (B,)
 
     if method == "naive":
-        terms = elbo_terms(model, prompts, responses, masks, weights, mask_id)  # n graphs alive
+        terms = elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask)  # n graphs alive
         loss = -naive_objective(terms, old_terms, advantages, clip).mean()
         loss.backward()
         return loss.item()
@@ -259,7 +268,7 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
     # two_pass: R depends on the samples only through m = mean_j d_j, so
     # dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t) sum_j dl_ij/dtheta.
     with torch.no_grad():
-        mean_d = (elbo_terms(model, prompts, responses, masks, weights, mask_id)
+        mean_d = (elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask)
                   - old_terms).mean(0)                                           # (B,)
     mean_d.requires_grad_(True)
     objective = clipped(torch.exp(mean_d), advantages, clip)       # (B,)
@@ -376,21 +385,25 @@ class Rollout:
     responses: torch.Tensor    # (B, L)
     rewards: torch.Tensor      # (B,)
     advantages: torch.Tensor   # (B,)
+    prompt_mask: torch.Tensor = None  # (B, Lp), False at left padding; None: no padding
 
 
 @torch.no_grad()
 def rollout(policy, problems, cfg, generator):
     """Sample cfg.group responses per problem at the rollout temperature."""
     problems = problems.repeat_interleave(cfg.group, dim=0)                   # (B, 2)
-    prompts = toy_dllm.encode_prompts(policy.tokenizer, policy.task.prompts(problems))
+    prompts, prompt_mask = toy_dllm.encode_padded_prompts(policy.tokenizer,
+                                                          policy.task.prompts(problems))
     prompts = prompts.to(policy.device)                                       # (B, Lp)
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.to(policy.device)                           # (B, Lp)
     responses = toy_dllm.generate(
         policy.model, prompts, policy.mask_id, policy.response_length,
         block_length=cfg.block_length, steps=cfg.sampler_steps,
-        temperature=cfg.temperature, generator=generator)                    # (B, L)
+        temperature=cfg.temperature, generator=generator, prompt_mask=prompt_mask)  # (B, L)
     rewards = toy_dllm.exact_match_reward(policy.task, policy.tokenizer, problems, responses)
     return Rollout(problems, prompts, responses, rewards.to(policy.device),
-                   group_advantages(rewards, cfg.group).to(policy.device))
+                   group_advantages(rewards, cfg.group).to(policy.device), prompt_mask)
 
 
 def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False):
@@ -406,7 +419,7 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
         weights = weights / batch.responses.shape[1]
     with torch.no_grad():
         old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
-                               policy.mask_id)
+                               policy.mask_id, batch.prompt_mask)
     return masks, weights, old_terms
 
 # -----------------------------------------------------------------------------
@@ -435,7 +448,9 @@ def rl_step(policy, optimizer, batch, cfg, data_rng):
         loss, nbytes, _, _ = measure(lambda: policy_loss_backward(
             model, batch.prompts[rows], batch.responses[rows], batch.advantages[rows],
             masks[:, rows], weights[:, rows], old_terms[:, rows], policy.mask_id,
-            method=cfg.method, clip=cfg.clip), model, policy.device)
+            method=cfg.method, clip=cfg.clip,
+            prompt_mask=None if batch.prompt_mask is None else batch.prompt_mask[rows]),
+            model, policy.device)
         peak = max(peak, nbytes)
         # the norm of all gradients together, before clipping: nan or inf if any is
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -655,7 +670,8 @@ def compare(policy, cfg, sample_counts, repeats=2):
                 model.zero_grad(set_to_none=True)
                 loss, nbytes, seconds, cuda_peak = measure(lambda: policy_loss_backward(
                     model, batch.prompts, batch.responses, batch.advantages, masks, weights,
-                    old_terms, policy.mask_id, method=method, clip=cfg.clip), model, policy.device)
+                    old_terms, policy.mask_id, method=method, clip=cfg.clip,
+                    prompt_mask=batch.prompt_mask), model, policy.device)
                 times.append(seconds)
             grad = flat_grad(model)
             reference = grad if reference is None else reference
@@ -674,7 +690,8 @@ def bgpo_gradient(policy, batch, masks, weights, old_terms):
     model = policy.model
     model.zero_grad(set_to_none=True)
     policy_loss_backward(model, batch.prompts, batch.responses, batch.advantages, masks,
-                         weights, old_terms, policy.mask_id, method="bgpo")
+                         weights, old_terms, policy.mask_id, method="bgpo",
+                         prompt_mask=batch.prompt_mask)
     grad = flat_grad(model)
     model.zero_grad(set_to_none=True)
     return grad

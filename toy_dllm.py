@@ -26,6 +26,7 @@ LLaDA: all it uses is `model(input_ids=...).logits` of shape (B, T, V).
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -156,8 +157,9 @@ def end_token_id(tokenizer):
     raise ValueError("the tokenizer names no end, separator or padding token")
 
 
-def encode_prompts(tokenizer, texts):
-    """Prompt strings -> Long (B, Lp), left-padded with the end token.
+def encode_padded_prompts(tokenizer, texts):
+    """Prompt strings -> (Long (B, Lp) ids, left-padded with the end token,
+    Bool (B, Lp) True at real tokens, or None when no prompt is padded).
 
     With the toy tokenizer every prompt has the same length and there is no
     padding; a subword tokenizer may need some, and padding on the left keeps
@@ -166,7 +168,14 @@ def encode_prompts(tokenizer, texts):
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     width = max(len(row) for row in ids)
     pad = end_token_id(tokenizer)
-    return torch.tensor([[pad] * (width - len(row)) + row for row in ids])
+    padded = torch.tensor([[pad] * (width - len(row)) + row for row in ids])       # (B, Lp)
+    real = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in ids])
+    return padded, (None if real.all() else real)
+
+
+def encode_prompts(tokenizer, texts):
+    """Prompt strings -> Long (B, Lp), left-padded with the end token."""
+    return encode_padded_prompts(tokenizer, texts)[0]
 
 
 def encode_responses(tokenizer, texts, length):
@@ -199,15 +208,38 @@ def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
     return BertForMaskedLM(config)
 
 
-def forward_logits(model, input_ids):
+def forward_logits(model, input_ids, attention_mask=None):
     """model(input_ids).logits; a float32 model on CUDA runs in bfloat16 autocast.
 
     Autocast is switched on here, around the forward pass only, so that
     backward runs outside it and CPU (and float64) models stay exact.
+    attention_mask: Bool (B, T), False at left padding, or None (no padding).
     """
     use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
+    extra = {} if attention_mask is None else padding_inputs(model, attention_mask)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        return model(input_ids=input_ids).logits
+        return model(input_ids=input_ids, **extra).logits
+
+
+def padding_inputs(model, attention_mask):
+    """What makes a left-padded sequence read like the unpadded one, for the
+    arguments the model's forward takes: an attention mask that hides the
+    padding, and positions that count from each row's first real token.
+    A model that takes neither sees the padding (see the README)."""
+    takes = inspect.signature(model.forward).parameters
+    extra = {}
+    if "attention_mask" in takes:
+        extra["attention_mask"] = attention_mask.long()                          # (B, T)
+    if "position_ids" in takes:
+        extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return extra
+
+
+def with_response(prompt_mask, length):
+    """Bool (B, Lp) prompt mask -> Bool (B, Lp + length): responses are never padding."""
+    if prompt_mask is None:
+        return None
+    return torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], length)], 1)
 
 # -----------------------------------------------------------------------------
 # 4. Forward process and training loss
@@ -230,17 +262,19 @@ def forward_mask(responses, t, generator=None):
     return u.to(responses.device) < t[:, None]
 
 
-def token_log_probs(model, prompts, responses, mask, mask_id):
+def token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask=None):
     """log p_theta(y^i | y_t, x) at every response position.
 
     y_t is the response with the positions in `mask` replaced by mask_id.
     Args:
-        prompts: Long (B, Lp); responses: Long (B, L); mask: Bool (B, L).
+        prompts: Long (B, Lp); responses: Long (B, L); mask: Bool (B, L);
+        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
     Returns:
         Float (B, L), in float32 or better whatever the model's precision.
     """
     noisy = torch.where(mask, mask_id, responses)                    # (B, L)
-    logits = forward_logits(model, torch.cat([prompts, noisy], dim=1))
+    logits = forward_logits(model, torch.cat([prompts, noisy], dim=1),
+                            with_response(prompt_mask, responses.shape[1]))
     logits = logits[:, prompts.shape[1]:]                             # (B, L, V)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log_softmax over a large vocabulary needs it
@@ -277,7 +311,7 @@ def transfer_schedule(block_length, steps):
 
 @torch.no_grad()
 def generate(model, prompts, mask_id, length, block_length=None, steps=None,
-             temperature=0.0, remasking="low_confidence", generator=None):
+             temperature=0.0, remasking="low_confidence", generator=None, prompt_mask=None):
     """Sample responses of `length` tokens for a batch of prompts.
 
     Args:
@@ -291,6 +325,7 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
         remasking: "low_confidence" commits the k most probable predictions;
             "random" commits k masked positions chosen at random.
         generator: a torch.Generator on the model's device, for sampling.
+        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
     Returns:
         Long (B, L): the responses, without any mask token.
     """
@@ -310,13 +345,14 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
 
     B, Lp = prompts.shape
     x = torch.cat([prompts, torch.full((B, length), mask_id, device=prompts.device)], 1)
+    attention = with_response(prompt_mask, length)                         # (B, T) or None
     for block in range(n_blocks):
         lo = Lp + block * block_length
         hi = lo + block_length
         for k in transfer_schedule(block_length, steps // n_blocks):
             if k == 0:
                 continue
-            logits = forward_logits(model, x)[:, lo:hi].float()  # (B, Lb, V)
+            logits = forward_logits(model, x, attention)[:, lo:hi].float()  # (B, Lb, V)
             logits[..., mask_id] = -math.inf   # [MASK] is never a prediction
             if temperature > 0:  # Gumbel-max: argmax(logits/T + G) ~ softmax(logits/T)
                 u = torch.rand(logits.shape, generator=generator, device=logits.device)
@@ -351,8 +387,10 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
     device = next(model.parameters()).device
     rewards, failures = [], []
     for chunk in problems.split(batch_size):
-        prompts = encode_prompts(tokenizer, task.prompts(chunk)).to(device)
-        responses = generate(model, prompts, mask_id, length, temperature=0.0, **sampler_kwargs)
+        prompts, prompt_mask = encode_padded_prompts(tokenizer, task.prompts(chunk))
+        responses = generate(model, prompts.to(device), mask_id, length, temperature=0.0,
+                             prompt_mask=None if prompt_mask is None else prompt_mask.to(device),
+                             **sampler_kwargs)
         r = exact_match_reward(task, tokenizer, chunk, responses)
         rewards.append(r)
         said = decode_responses(tokenizer, responses)

@@ -216,3 +216,27 @@ def test_bad_sampler_arguments_raise_value_error_naming_them(tokenizer, kwargs, 
 def test_non_positive_digit_count_raises_value_error(n_digits):
     with pytest.raises(ValueError, match="n_digits"):
         toy_dllm.make_task(n_digits=n_digits)
+
+
+def test_left_padded_prompt_reads_like_the_unpadded_prompt(tokenizer):
+    """With the prompt mask, padding is neither attended nor counted in the
+    positions: log-probs and greedy samples equal those of the prompt alone."""
+    model = tiny_model(tokenizer, dtype=torch.float64)
+    pad, mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
+    short, long_ = torch.tensor([[3, 10, 4, 11]]), torch.tensor([[3, 7, 10, 4, 8, 11]])
+    prompts = torch.cat([torch.cat([torch.full((1, 2), pad), short], 1), long_])   # (2, 6)
+    prompt_mask = prompts != pad
+    prompt_mask[1] = True
+    responses = torch.tensor([[0, 7, 1], [0, 8, 5]])
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    alone = toy_dllm.token_log_probs(model, short, responses[:1], mask[:1], mask_id)
+    padded = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask)
+    assert torch.allclose(padded[0], alone[0], rtol=1e-10)
+    unmasked = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id)
+    assert not torch.allclose(unmasked[0], alone[0], rtol=1e-3)   # padding does matter
+    gen = dict(temperature=0.0, block_length=2)
+    assert torch.equal(toy_dllm.generate(model, prompts, mask_id, 4, prompt_mask=prompt_mask, **gen)[0],
+                       toy_dllm.generate(model, short, mask_id, 4, **gen)[0])
+    ids, real = toy_dllm.encode_padded_prompts(tokenizer, ["3+4=", "37+48="])
+    assert torch.equal(ids, prompts) and torch.equal(real, prompt_mask)
+    assert toy_dllm.encode_padded_prompts(tokenizer, ["3+4=", "5+6="])[1] is None
