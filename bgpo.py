@@ -24,10 +24,13 @@ The naive objective is exp(mean_j d_j) * A, which needs every sample's graph
 at once. Sum_j g_j <= exp(mean_j d_j) * A always, with equality in value and
 gradient on-policy (every d_j = 0).
 
-Run `python bgpo.py --help` for the experiments; the README has recipes.
+Run `python bgpo.py --explain` to watch one step with every number printed,
+`python bgpo.py --help` for the experiments; the README has recipes.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -45,6 +48,50 @@ import toy_dllm
 
 METHODS = ("bgpo", "naive", "two_pass")
 SCHEMES = ("stratified", "uniform_t")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run, with its default; the command line is built
+    from these (build_parser) and the result is never changed afterwards."""
+    # what to do (training unless one of these is set)
+    compare: bool = False          # table: naive vs two_pass vs bgpo per n_t
+    grad_stats: bool = False       # table: std, bias and error of the BGPO gradient per n_t
+    explain: bool = False          # one BGPO step on a small batch, every number printed
+    # the objective and its Monte-Carlo estimate
+    method: str = "bgpo"           # "bgpo", "naive" or "two_pass"
+    samples: int = 16              # n_t, Monte-Carlo samples per response
+    sample_counts: tuple = (16,)   # the n_t list of --compare / --grad-stats (--samples 1,4,16)
+    scheme: str = "stratified"     # how masks are drawn: "stratified" or "uniform_t"
+    clip: float = None             # PPO epsilon; None: no clipping (the paper)
+    length_norm: bool = False      # divide each l_j by the response length (official code)
+    # the GRPO loop
+    steps: int = 250               # RL steps
+    prompts: int = 16              # prompts per step
+    group: int = 8                 # G, responses per prompt
+    lr: float = 1e-4               # AdamW learning rate
+    max_grad_norm: float = None    # clip the total gradient norm; None: no clipping
+    updates_per_batch: int = 1     # optimizer updates per rollout (1 = on-policy)
+    seed: int = 0
+    device: str = "auto"           # "auto", "cpu" or "cuda"
+    # the sampler
+    temperature: float = 0.6       # rollout temperature (evaluation is greedy)
+    sampler_steps: int = None      # denoising steps per response; None: one per token
+    block_length: int = None       # sampler block length; None: the response length
+    # evaluation, measurements, output
+    eval_every: int = 25           # steps between test evaluations
+    perturb: float = 0.0           # --compare: move the weights by this many stds (off-policy)
+    json: bool = False             # print --compare / --grad-stats rows as JSON
+    out: str = None                # directory for metrics.jsonl, summary.json, model
+    save_every: int = None         # checkpoint every N steps under out
+    resume: str = None             # continue the run saved in this directory
+    # the model and the task
+    model: str = None              # a transformers masked-LM checkpoint; None: the toy
+    trust_remote_code: bool = False  # allow code shipped with the checkpoint
+    mask_id: int = None            # [MASK] id if the tokenizer names none
+    response_length: int = None    # response tokens; None: the answer (+ 1 with --model)
+    digits: int = 2                # operand digits of the task
+    test_size: int = 1000          # test problems
 
 # -----------------------------------------------------------------------------
 # 1. Rewards -> group-relative advantages
@@ -146,6 +193,19 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
     Returns:
         Float (B,): w * sum_k mask_k * log p(y^k | y_t, x).
     """
+    _check_term_inputs(prompts, responses, mask, weight)
+    return _elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask)
+
+
+def _elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None):
+    """elbo_term without the input checks, for the inner loops over n_t."""
+    mask = mask.bool()
+    logp = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id,
+                                    prompt_mask)                                # (B, L)
+    return weight.to(logp.dtype) * (logp * mask).sum(-1)                       # (B,)
+
+
+def _check_term_inputs(prompts, responses, mask, weight):
     B, L = responses.shape
     if prompts.dim() != 2 or prompts.shape[0] != B:
         raise ValueError(f"prompts must be (B={B}, Lp), got shape {tuple(prompts.shape)}")
@@ -153,17 +213,32 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
         raise ValueError(f"mask must have the responses' shape {(B, L)}, got {tuple(mask.shape)}")
     if weight.shape != (B,):
         raise ValueError(f"weight must be ({B},), got shape {tuple(weight.shape)}")
-    mask = mask.bool()
-    logp = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id,
-                                    prompt_mask)                                # (B, L)
-    return weight.to(logp.dtype) * (logp * mask).sum(-1)                       # (B,)
 
 
 def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
     """elbo_term for each of the n_t masks: Float (n_t, B). Call it under
     torch.no_grad() for the old policy's terms, as it keeps every graph."""
-    return torch.stack([elbo_term(model, prompts, responses, m, w, mask_id, prompt_mask)
+    _check_term_inputs(prompts, responses, masks[0], weights[0])
+    return torch.stack([_elbo_term(model, prompts, responses, m, w, mask_id, prompt_mask)
                         for m, w in zip(masks, weights)])
+
+
+def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False):
+    """Step 3: n_t masks per response, and the old policy's l_j on them.
+
+    The old policy is the model as it is now; its terms carry no gradient.
+    length_norm divides every l_j by the response length L (the official
+    code's per-token ELBO), so d_j and a clip band act per token.
+    policy and batch: a Policy and a Rollout (section 4).
+    Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B).
+    """
+    masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
+    if length_norm:
+        weights = weights / batch.responses.shape[1]
+    with torch.no_grad():
+        old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
+                               policy.mask_id, batch.prompt_mask)
+    return masks, weights, old_terms
 
 # -----------------------------------------------------------------------------
 # 3. The objectives: naive ELBO ratio vs the BGPO lower bound
@@ -243,47 +318,326 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
     """
     _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
                        prompt_mask)
-    n = masks.shape[0]
+    backward = {"bgpo": bgpo_loss_backward, "naive": naive_loss_backward,
+                "two_pass": two_pass_loss_backward}[method]
     # the old policy's terms and the advantages are constants of the objective
-    old_terms, advantages = old_terms.detach(), advantages.detach()
+    return backward(model, prompts, responses, advantages.detach(), masks, weights,
+                    old_terms.detach(), mask_id, clip, prompt_mask)
 
-    def term(j):
-        return elbo_term(model, prompts, responses, masks[j], weights[j], mask_id,
-                         prompt_mask)                                                # (B,)
 
-    if method == "naive":
-        terms = elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask)  # n graphs alive
-        loss = -naive_objective(terms, old_terms, advantages, clip).mean()
-        loss.backward()
-        return loss.item()
+def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
+                       mask_id, clip=None, prompt_mask=None):
+    """R = R_lb = sum_j g_j: one sample at a time, forward, backward, free."""
+    n = masks.shape[0]
+    total = 0.0
+    for j in range(n):
+        term = _elbo_term(model, prompts, responses, masks[j], weights[j], mask_id,
+                          prompt_mask)                                   # (B,), with a graph
+        loss_j = -bgpo_sample_objective(term, old_terms[j], advantages, n, clip).mean()
+        loss_j.backward()                                                # frees sample j's graph
+        total += loss_j.item()
+    return total
 
-    if method == "bgpo":
-        total = 0.0
-        for j in range(n):
-            loss_j = -bgpo_sample_objective(term(j), old_terms[j], advantages, n, clip).mean()
-            loss_j.backward()                                       # frees sample j's graph
-            total += loss_j.item()
-        return total
 
-    # two_pass: R depends on the samples only through m = mean_j d_j, so
-    # dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t) sum_j dl_ij/dtheta.
+def naive_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
+                        mask_id, clip=None, prompt_mask=None):
+    """R = exp(mean_j d_j) A: all n_t graphs alive at once, one backward."""
+    terms = elbo_terms(model, prompts, responses, masks, weights, mask_id,
+                       prompt_mask)                                      # (n_t, B), n graphs
+    loss = -naive_objective(terms, old_terms, advantages, clip).mean()
+    loss.backward()
+    return loss.item()
+
+
+def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
+                           mask_id, clip=None, prompt_mask=None):
+    """The naive gradient at constant memory. R depends on the samples only
+    through m = mean_j d_j, so dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t)
+    sum_j dl_ij/dtheta: pass 1 (no grad) finds c_i = dR_i/dm_i, pass 2
+    backwards -(1/B) sum_i c_i l_ij / n_t one sample at a time."""
+    n = masks.shape[0]
     with torch.no_grad():
         mean_d = (elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask)
-                  - old_terms).mean(0)                                           # (B,)
+                  - old_terms).mean(0)                                   # (B,)
     mean_d.requires_grad_(True)
-    objective = clipped(torch.exp(mean_d), advantages, clip)       # (B,)
-    coef, = torch.autograd.grad(objective.sum(), mean_d)           # = A e^{mean d} unclipped
+    objective = clipped(torch.exp(mean_d), advantages, clip)             # (B,)
+    coef, = torch.autograd.grad(objective.sum(), mean_d)                 # A e^{m} unclipped
     for j in range(n):
-        loss_j = -(coef * term(j)).mean() / n
+        term = _elbo_term(model, prompts, responses, masks[j], weights[j], mask_id, prompt_mask)
+        loss_j = -(coef * term).mean() / n
         loss_j.backward()
     return -objective.mean().item()
 
 # -----------------------------------------------------------------------------
-# 4. Measuring memory
-#    What grows with n_t is what autograd saves for backward (activations).
-#    A saved-tensor hook sees every one of them: count each storage once while
-#    it is held, and keep the peak. Works on any device; on CUDA the
-#    allocator's own peak is reported as well.
+# 4. Rollout: G responses per prompt, their rewards and advantages
+
+
+@dataclass
+class Policy:
+    """The model being trained and what it needs to talk about arithmetic."""
+    model: torch.nn.Module
+    tokenizer: object
+    task: toy_dllm.ArithmeticTask
+    mask_id: int
+    response_length: int
+    device: torch.device
+
+
+@dataclass
+class Rollout:
+    problems: torch.Tensor     # (B, 2) operand pairs, each repeated G times
+    prompts: torch.Tensor      # (B, Lp)
+    responses: torch.Tensor    # (B, L)
+    rewards: torch.Tensor      # (B,)
+    advantages: torch.Tensor   # (B,)
+    prompt_mask: torch.Tensor = None  # (B, Lp), False at left padding; None: no padding
+
+
+@torch.no_grad()
+def rollout(policy, problems, cfg, generator):
+    """Steps 1-2: cfg.group responses per problem at the rollout temperature,
+    their rewards and group advantages."""
+    problems = problems.repeat_interleave(cfg.group, dim=0)                   # (B, 2)
+    prompts, prompt_mask = toy_dllm.encode_padded_prompts(policy.tokenizer,
+                                                          policy.task.prompts(problems))
+    prompts = prompts.to(policy.device)                                       # (B, Lp)
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.to(policy.device)                           # (B, Lp)
+    responses = toy_dllm.generate(
+        policy.model, prompts, policy.mask_id, policy.response_length,
+        block_length=cfg.block_length, steps=cfg.sampler_steps,
+        temperature=cfg.temperature, generator=generator, prompt_mask=prompt_mask)  # (B, L)
+    rewards = toy_dllm.exact_match_reward(policy.task, policy.tokenizer, problems, responses)
+    return Rollout(problems, prompts, responses, rewards.to(policy.device),
+                   group_advantages(rewards, cfg.group).to(policy.device), prompt_mask)
+
+# -----------------------------------------------------------------------------
+# 5. The GRPO-style loop
+#    each step: rollout -> advantages -> masks + old terms (no grad) ->
+#    updates_per_batch mini-batch updates through policy_loss_backward -> log.
+#    With 1 update the old policy is the current one (on-policy: BGPO equals
+#    the naive objective); with 2 the second mini-batch is off-policy.
+
+
+def train(policy, cfg, out=None, resume_state=None):
+    """The RL loop. Returns the summary dict (also written to out/summary.json).
+
+    Every step appends one record to the metrics (and rewrites
+    out/metrics.jsonl atomically); every cfg.save_every steps a checkpoint is
+    written; resume_state (from load_trainer_state) continues a run exactly.
+    """
+    torch.manual_seed(cfg.seed)
+    data_rng = torch.Generator().manual_seed(cfg.seed)                       # prompts, masks
+    sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)  # rollouts
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr)
+    policy.model.eval()  # no dropout: old and new policy must see the same network
+    state = start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state)
+    first = state["step"] + 1
+    bar = tqdm(range(first, cfg.steps + 1), initial=state["step"], total=cfg.steps,
+               dynamic_ncols=True)
+    for step in bar:
+        problems = policy.task.train[
+            torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
+        batch = rollout(policy, problems, cfg, sample_rng)            # 1-2: responses, A
+        loss, skipped, peak = rl_step(policy, optimizer, batch, cfg, data_rng,
+                                      measure_memory=step == first)  # 3-5: masks, update
+        log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar)
+        if out:
+            save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng)
+    bar.close()
+    return finish(policy, cfg, state, out)
+
+
+def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
+    """Steps 3-5 on one rollout: masks and old terms, then cfg.updates_per_batch
+    optimizer updates, each on a mini-batch of whole groups.
+
+    Returns (mean loss of the updates taken, number of updates skipped
+    because the loss or a gradient was not finite, peak activation bytes,
+    0 unless measure_memory).
+    """
+    model = policy.model
+    masks, weights, old_terms = masks_and_old_terms(policy, batch, cfg.samples, cfg.scheme,
+                                                    data_rng, cfg.length_norm)
+    losses, skipped, peak = [], 0, 0
+    n_prompts = batch.responses.shape[0] // cfg.group
+    for groups in torch.arange(n_prompts).chunk(cfg.updates_per_batch):
+        rows = (groups[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # whole groups
+        rows = rows.to(policy.device)
+        optimizer.zero_grad(set_to_none=True)
+        meter = activation_meter(model) if measure_memory else contextlib.nullcontext()
+        with meter:
+            loss = policy_loss_backward(
+                model, batch.prompts[rows], batch.responses[rows], batch.advantages[rows],
+                masks[:, rows], weights[:, rows], old_terms[:, rows], policy.mask_id,
+                method=cfg.method, clip=cfg.clip,
+                prompt_mask=None if batch.prompt_mask is None else batch.prompt_mask[rows])
+        peak = max(peak, meter.peak_bytes if measure_memory else 0)
+        # the norm of all gradients together, before clipping: nan or inf if any is
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.max_grad_norm or math.inf)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            warnings.warn(f"non-finite loss ({loss}) or gradient: update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        optimizer.step()
+        losses.append(loss)
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return mean_loss, skipped, peak
+
+
+def evaluate_policy(policy, cfg, n_failures=0):
+    """Greedy exact-match accuracy on the task's test problems, and failures."""
+    return toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task, policy.task.test,
+                             mask_id=policy.mask_id, length=policy.response_length,
+                             n_failures=n_failures, block_length=cfg.block_length,
+                             steps=cfg.sampler_steps)
+
+
+RUN_TIME_ONLY = ("last_acc", "last_eval", "started")  # state that checkpoints leave out
+
+
+def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
+    """The loop's state: fresh (with the accuracy before RL), or as saved."""
+    if resume_state is None:
+        acc_before, failures = evaluate_policy(policy, cfg, n_failures=3)
+        print("\n".join(failures))
+        print(f"greedy test accuracy before RL: {acc_before:.1%}")
+        return dict(step=0, acc_before=acc_before, seconds=0.0, peak_activation_bytes=0,
+                    skipped_updates=0, metrics=[], device_type=policy.device.type,
+                    last_acc=acc_before, last_eval=None, started=time.time())
+    state = dict(resume_state)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    data_rng.set_state(state.pop("data_rng"))
+    sample_rng.set_state(state.pop("sample_rng"))
+    torch.set_rng_state(state.pop("torch_rng"))
+    print(f"resumed at step {state['step']}")
+    last_acc = next((m["acc"] for m in reversed(state["metrics"]) if "acc" in m),
+                    state["acc_before"])
+    return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
+
+
+def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
+    """One metrics record; a test evaluation every cfg.eval_every steps and at the end."""
+    state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
+    state["skipped_updates"] += skipped
+    record = dict(step=step, reward_mean=batch.rewards.mean().item(), loss=loss,
+                  skipped_updates=skipped, seconds=round(time.time() - state["started"], 3))
+    if step % cfg.eval_every == 0 or step == cfg.steps:
+        state["last_eval"] = evaluate_policy(policy, cfg, n_failures=3)  # (acc, failures)
+        record["acc"] = state["last_acc"] = state["last_eval"][0]
+    state["metrics"].append(record)
+    bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{state['last_acc']:.2f}")
+    state.update(step=step, seconds=time.time() - state["started"])
+
+
+def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
+    """metrics.jsonl after every step; a checkpoint every cfg.save_every steps."""
+    toy_dllm.write_atomic(os.path.join(out, "metrics.jsonl"),
+                          "".join(json.dumps(m) + "\n" for m in state["metrics"]))
+    if cfg.save_every and state["step"] % cfg.save_every == 0:
+        saved = {k: v for k, v in state.items() if k not in RUN_TIME_ONLY}
+        save_checkpoint(out, policy, optimizer, dict(
+            saved, data_rng=data_rng.get_state(), sample_rng=sample_rng.get_state(),
+            torch_rng=torch.get_rng_state()))
+
+
+def finish(policy, cfg, state, out):
+    """Print the accuracy before and after; write the summary and final model."""
+    acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg, n_failures=3)
+    seconds = time.time() - state["started"]
+    print("\n".join(failures))
+    print(f"greedy test accuracy: {state['acc_before']:.1%} before RL -> {acc_after:.1%} after "
+          f"{cfg.steps} steps ({seconds:.0f}s)")
+    summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
+                   seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,
+                   seconds=round(seconds, 3), peak_activation_bytes=state["peak_activation_bytes"],
+                   skipped_updates=state["skipped_updates"])
+    if out:
+        toy_dllm.save_dir_atomic(os.path.join(out, "model"), lambda tmp: save_model(policy, tmp))
+        toy_dllm.write_atomic(os.path.join(out, "summary.json"),
+                              json.dumps(summary, indent=1) + "\n")
+    return summary
+
+# -----------------------------------------------------------------------------
+# 6. Checkpoints: out/checkpoint-STEP holds the model (save_pretrained), the
+#    tokenizer, bgpo.json (response length, mask id) and trainer_state.pt
+#    (step, metrics, optimizer, RNG states); only the latest is kept.
+
+SAVED_SETTINGS = "bgpo.json"  # beside a saved model: what --model needs to use it again
+
+
+def checkpoints(out):
+    """Complete checkpoint directories (out/checkpoint-STEP), oldest first."""
+    if not os.path.isdir(out):
+        return []
+    steps = [n.split("-", 1)[1] for n in os.listdir(out) if n.startswith("checkpoint-")]
+    return [os.path.join(out, f"checkpoint-{s}") for s in sorted(
+        (s for s in steps if s.isdigit()), key=int)]
+
+
+def save_model(policy, path):
+    """save_pretrained for the model and tokenizer, plus the response length
+    and mask id, so that `--model path` works again with no other flag."""
+    policy.model.save_pretrained(path)
+    policy.tokenizer.save_pretrained(path)
+    toy_dllm.write_atomic(os.path.join(path, SAVED_SETTINGS), json.dumps(dict(
+        response_length=policy.response_length, mask_id=policy.mask_id), indent=1) + "\n")
+
+
+def save_checkpoint(out, policy, optimizer, state):
+    """Model, tokenizer, optimizer, RNG states and step, then drop older ones."""
+    path = os.path.join(out, f"checkpoint-{state['step']}")
+
+    def save(tmp):
+        save_model(policy, tmp)
+        torch.save({**state, "optimizer": optimizer.state_dict()},
+                   os.path.join(tmp, "trainer_state.pt"))
+
+    toy_dllm.save_dir_atomic(path, save)
+    for old in checkpoints(out)[:-1]:
+        shutil.rmtree(old)
+
+
+def load_trainer_state(checkpoint, device):
+    """The loop's state saved in a checkpoint: step, metrics, optimizer, RNGs.
+
+    The sampler's RNG lives on the device, and a CUDA generator's state cannot
+    seed a CPU one (or the reverse): a run resumes on the kind of device it
+    was saved on, or not at all.
+    """
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
+                       weights_only=True)
+    if state["device_type"] != device.type:
+        raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
+                         f"resume it there (--device {state['device_type']})")
+    return state
+
+# -----------------------------------------------------------------------------
+# 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
+#    compare:    for each n_t and method, the objective (1/B) sum_i R_i, the
+#                largest gradient difference to "naive", the peak activation
+#                bytes and the time of one policy_loss_backward call.
+#    grad-stats: on-policy BGPO gradients g_1..g_8 from 8 independent mask
+#                draws at each n_t, against a "golden" gradient g*, the mean
+#                of 8 draws at n_t = 256 (stratified):
+#                relative std   = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
+#                relative bias  = |mean_r g_r - g*| / |g*|
+#                bias floor     = what noise alone gives the bias column:
+#                                 sqrt(std^2 / 8 + var(g*)) / |g*|
+#                relative error = mean_r |g_r - g*| / |g*|  (one draw's distance)
+#                Draw r takes max(n_t) masks per response; the row for n_t
+#                uses every (max/n_t)-th of them, which is itself a draw of
+#                n_t samples (for stratified: the same offset k, spacing
+#                L/n_t). The rows share random numbers, so the change from
+#                one row to the next is due to n_t, not to luck.
+#    memory:     what grows with n_t is what autograd saves for backward
+#                (activations). A saved-tensor hook sees every one of them:
+#                count each storage once while it is held, and keep the peak.
+#                Works on any device; on CUDA the allocator's own peak is
+#                reported as well.
+#    explain:    one BGPO step on a small batch, every number printed.
 
 
 class _Held:
@@ -347,6 +701,11 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
 
+def activation_meter(model):
+    """A SavedTensorMeter that leaves out the model's parameters and buffers."""
+    return SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
+
+
 def measure(fn, model, device):
     """Run fn() once; return (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
     cuda = torch.device(device).type == "cuda"
@@ -355,285 +714,13 @@ def measure(fn, model, device):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    with SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers())) as meter:
+    with activation_meter(model) as meter:
         result = fn()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     cuda_peak = torch.cuda.max_memory_allocated() - base if cuda else None
     return result, meter.peak_bytes, seconds, cuda_peak
-
-# -----------------------------------------------------------------------------
-# 5. Rollout: G responses per prompt, their rewards and advantages
-
-
-@dataclass
-class Policy:
-    """The model being trained and what it needs to talk about arithmetic."""
-    model: torch.nn.Module
-    tokenizer: object
-    task: toy_dllm.ArithmeticTask
-    mask_id: int
-    response_length: int
-    device: torch.device
-
-
-@dataclass
-class Rollout:
-    problems: torch.Tensor     # (B, 2) operand pairs, each repeated G times
-    prompts: torch.Tensor      # (B, Lp)
-    responses: torch.Tensor    # (B, L)
-    rewards: torch.Tensor      # (B,)
-    advantages: torch.Tensor   # (B,)
-    prompt_mask: torch.Tensor = None  # (B, Lp), False at left padding; None: no padding
-
-
-@torch.no_grad()
-def rollout(policy, problems, cfg, generator):
-    """Sample cfg.group responses per problem at the rollout temperature."""
-    problems = problems.repeat_interleave(cfg.group, dim=0)                   # (B, 2)
-    prompts, prompt_mask = toy_dllm.encode_padded_prompts(policy.tokenizer,
-                                                          policy.task.prompts(problems))
-    prompts = prompts.to(policy.device)                                       # (B, Lp)
-    if prompt_mask is not None:
-        prompt_mask = prompt_mask.to(policy.device)                           # (B, Lp)
-    responses = toy_dllm.generate(
-        policy.model, prompts, policy.mask_id, policy.response_length,
-        block_length=cfg.block_length, steps=cfg.sampler_steps,
-        temperature=cfg.temperature, generator=generator, prompt_mask=prompt_mask)  # (B, L)
-    rewards = toy_dllm.exact_match_reward(policy.task, policy.tokenizer, problems, responses)
-    return Rollout(problems, prompts, responses, rewards.to(policy.device),
-                   group_advantages(rewards, cfg.group).to(policy.device), prompt_mask)
-
-
-def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False):
-    """Step 3: n_t masks per response, and the old policy's l_j on them.
-
-    The old policy is the model as it is now; its terms carry no gradient.
-    length_norm divides every l_j by the response length L (the official
-    code's per-token ELBO), so d_j and a clip band act per token.
-    Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B).
-    """
-    masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
-    if length_norm:
-        weights = weights / batch.responses.shape[1]
-    with torch.no_grad():
-        old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
-                               policy.mask_id, batch.prompt_mask)
-    return masks, weights, old_terms
-
-# -----------------------------------------------------------------------------
-# 6. The GRPO-style loop
-#    each step: rollout -> advantages -> masks + old terms (no grad) ->
-#    updates_per_batch mini-batch updates through policy_loss_backward.
-#    With 1 update the old policy is the current one (on-policy: BGPO equals
-#    the naive objective); with 2 the second mini-batch is off-policy.
-
-
-def rl_step(policy, optimizer, batch, cfg, data_rng):
-    """Old terms, then cfg.updates_per_batch optimizer updates on one rollout.
-
-    Returns (mean loss of the updates taken, number of updates skipped
-    because the loss or a gradient was not finite, peak activation bytes).
-    """
-    model = policy.model
-    masks, weights, old_terms = masks_and_old_terms(policy, batch, cfg.samples, cfg.scheme,
-                                                    data_rng, cfg.length_norm)
-    losses, skipped, peak = [], 0, 0
-    n_prompts = batch.responses.shape[0] // cfg.group
-    for groups in torch.arange(n_prompts).chunk(cfg.updates_per_batch):
-        rows = (groups[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # whole groups
-        rows = rows.to(policy.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss, nbytes, _, _ = measure(lambda: policy_loss_backward(
-            model, batch.prompts[rows], batch.responses[rows], batch.advantages[rows],
-            masks[:, rows], weights[:, rows], old_terms[:, rows], policy.mask_id,
-            method=cfg.method, clip=cfg.clip,
-            prompt_mask=None if batch.prompt_mask is None else batch.prompt_mask[rows]),
-            model, policy.device)
-        peak = max(peak, nbytes)
-        # the norm of all gradients together, before clipping: nan or inf if any is
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.max_grad_norm or math.inf)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-            warnings.warn(f"non-finite loss ({loss}) or gradient: update skipped")
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            continue
-        optimizer.step()
-        losses.append(loss)
-    mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    return mean_loss, skipped, peak
-
-
-def evaluate_policy(policy, cfg, n_failures=0):
-    """Greedy exact-match accuracy on the task's test problems."""
-    return toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task, policy.task.test,
-                             mask_id=policy.mask_id, length=policy.response_length,
-                             n_failures=n_failures, block_length=cfg.block_length,
-                             steps=cfg.sampler_steps)
-
-
-def write_atomic(path, text):
-    """Write a file so that it is either the old one or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_dir_atomic(path, save):
-    """save(tmp_dir), then rename tmp_dir to path: path is never half-written."""
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    try:
-        save(tmp)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def checkpoints(out):
-    """Complete checkpoint directories (out/checkpoint-STEP), oldest first."""
-    if not os.path.isdir(out):
-        return []
-    steps = [n.split("-", 1)[1] for n in os.listdir(out) if n.startswith("checkpoint-")]
-    return [os.path.join(out, f"checkpoint-{s}") for s in sorted(
-        (s for s in steps if s.isdigit()), key=int)]
-
-
-SAVED_SETTINGS = "bgpo.json"  # beside a saved model: what --model needs to use it again
-
-
-def save_model(policy, path):
-    """save_pretrained for the model and tokenizer, plus the response length
-    and mask id, so that `--model path` works again with no other flag."""
-    policy.model.save_pretrained(path)
-    policy.tokenizer.save_pretrained(path)
-    write_atomic(os.path.join(path, SAVED_SETTINGS), json.dumps(dict(
-        response_length=policy.response_length, mask_id=policy.mask_id), indent=1) + "\n")
-
-
-def save_checkpoint(out, policy, optimizer, state):
-    """Model, tokenizer, optimizer, RNG states and step, then drop older ones."""
-    path = os.path.join(out, f"checkpoint-{state['step']}")
-
-    def save(tmp):
-        save_model(policy, tmp)
-        torch.save({**state, "optimizer": optimizer.state_dict()},
-                   os.path.join(tmp, "trainer_state.pt"))
-
-    save_dir_atomic(path, save)
-    for old in checkpoints(out)[:-1]:
-        shutil.rmtree(old)
-
-
-def load_trainer_state(checkpoint, device):
-    """The loop's state saved in a checkpoint: step, metrics, optimizer, RNGs.
-
-    The sampler's RNG lives on the device, and a CUDA generator's state cannot
-    seed a CPU one (or the reverse): a run resumes on the kind of device it
-    was saved on, or not at all.
-    """
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
-                       weights_only=True)
-    if state["device_type"] != device.type:
-        raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
-                         f"resume it there (--device {state['device_type']})")
-    return state
-
-
-def train(policy, cfg, out=None, resume_state=None, show=print):
-    """The RL loop. Returns the summary dict (also written to out/summary.json).
-
-    Every step appends one record to the metrics (and rewrites
-    out/metrics.jsonl atomically); every cfg.save_every steps a checkpoint is
-    written; resume_state (from load_trainer_state) continues a run exactly.
-    """
-    model, device = policy.model, policy.device
-    torch.manual_seed(cfg.seed)
-    data_rng = torch.Generator().manual_seed(cfg.seed)                # prompts, masks
-    sample_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # rollouts
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    model.eval()  # no dropout: old and new policy must see the same network
-    if resume_state is None:
-        acc_before, failures = evaluate_policy(policy, cfg, n_failures=3)
-        show("\n".join(failures))
-        show(f"greedy test accuracy before RL: {acc_before:.1%}")
-        state = dict(step=0, acc_before=acc_before, seconds=0.0, peak_activation_bytes=0,
-                     skipped_updates=0, metrics=[], device_type=device.type)
-    else:
-        state = dict(resume_state)
-        optimizer.load_state_dict(state.pop("optimizer"))
-        data_rng.set_state(state.pop("data_rng"))
-        sample_rng.set_state(state.pop("sample_rng"))
-        torch.set_rng_state(state.pop("torch_rng"))
-        show(f"resumed at step {state['step']}")
-    metrics = state["metrics"]
-    t_start = time.time() - state["seconds"]
-
-    last_acc = next((m["acc"] for m in reversed(metrics) if "acc" in m), state["acc_before"])
-    final_eval = None  # (accuracy, failures) at the last step, printed at the end
-    bar = tqdm(range(state["step"] + 1, cfg.steps + 1), initial=state["step"],
-               total=cfg.steps, disable=not cfg.progress, dynamic_ncols=True)
-    for step in bar:
-        problems = policy.task.train[
-            torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
-        batch = rollout(policy, problems, cfg, sample_rng)
-        loss, skipped, peak = rl_step(policy, optimizer, batch, cfg, data_rng)
-        state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
-        state["skipped_updates"] += skipped
-        record = dict(step=step, reward_mean=batch.rewards.mean().item(), loss=loss,
-                      skipped_updates=skipped, seconds=round(time.time() - t_start, 3))
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            final_eval = evaluate_policy(policy, cfg, n_failures=3)
-            record["acc"] = last_acc = final_eval[0]
-        metrics.append(record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{last_acc:.2f}")
-        state.update(step=step, seconds=time.time() - t_start)
-        if out:
-            write_atomic(os.path.join(out, "metrics.jsonl"),
-                         "".join(json.dumps(m) + "\n" for m in metrics))
-            if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(out, policy, optimizer, dict(
-                    state, data_rng=data_rng.get_state(), sample_rng=sample_rng.get_state(),
-                    torch_rng=torch.get_rng_state()))
-    bar.close()
-
-    acc_after, failures = final_eval or evaluate_policy(policy, cfg, n_failures=3)
-    show("\n".join(failures))
-    show(f"greedy test accuracy: {state['acc_before']:.1%} before RL -> {acc_after:.1%} after "
-         f"{cfg.steps} steps ({time.time() - t_start:.0f}s)")
-    summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
-                   seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,
-                   seconds=round(time.time() - t_start, 3),
-                   peak_activation_bytes=state["peak_activation_bytes"],
-                   skipped_updates=state["skipped_updates"])
-    if out:
-        save_dir_atomic(os.path.join(out, "model"), lambda tmp: save_model(policy, tmp))
-        write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
-    return summary
-
-# -----------------------------------------------------------------------------
-# 7. Measurements: naive vs BGPO side by side, and gradient quality
-#    compare:    for each n_t and method, the objective (1/B) sum_i R_i, the
-#                largest gradient difference to "naive", the peak activation
-#                bytes and the time of one policy_loss_backward call.
-#    grad-stats: on-policy BGPO gradients g_1..g_8 from 8 independent mask
-#                draws at each n_t, against a "golden" gradient g*, the mean
-#                of 8 draws at n_t = 256 (stratified):
-#                relative std   = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
-#                relative bias  = |mean_r g_r - g*| / |g*|
-#                bias floor     = what noise alone gives the bias column:
-#                                 sqrt(std^2 / 8 + var(g*)) / |g*|
-#                relative error = mean_r |g_r - g*| / |g*|  (one draw's distance)
-#                Draw r takes max(n_t) masks per response; the row for n_t
-#                uses every (max/n_t)-th of them, which is itself a draw of
-#                n_t samples (for stratified: the same offset k, spacing
-#                L/n_t). The rows share random numbers, so the change from
-#                one row to the next is due to n_t, not to luck.
 
 
 def flat_grad(model):
@@ -644,6 +731,14 @@ def fixed_batch(policy, cfg):
     """One seeded rollout batch on the first cfg.prompts train problems."""
     rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     return rollout(policy, policy.task.train[:cfg.prompts], cfg, rng)
+
+
+def perturb_weights(model, scale, seed):
+    """Move every parameter by scale * its std * N(0, 1): an off-policy model."""
+    noise_rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
 
 
 def compare(policy, cfg, sample_counts, repeats=2):
@@ -659,10 +754,7 @@ def compare(policy, cfg, sample_counts, repeats=2):
         masks, weights, old_terms = masks_and_old_terms(policy, batch, n, cfg.scheme, rng,
                                                         cfg.length_norm)
         if cfg.perturb > 0:
-            noise_rng = torch.Generator().manual_seed(cfg.seed)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(cfg.perturb * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
+            perturb_weights(model, cfg.perturb, cfg.seed)
         reference = None
         for method in ("naive", "two_pass", "bgpo"):
             times = []
@@ -733,8 +825,132 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
                              rel_error=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
     return rows
 
+
+def explain(policy, cfg):
+    """--explain: one BGPO step on a small batch, in the order of the algorithm,
+    with every number printed; then the two claims checked on that batch.
+    The weights are left as they were (no optimizer step is taken)."""
+    model, tokenizer = policy.model, policy.tokenizer
+    batch = batch_with_both_signs(policy, cfg)
+    n, A = cfg.samples, batch.advantages
+    print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
+          f"scheme {cfg.scheme}; '_' is [MASK], '.' the end token\n")
+    print("1-2. rollout; reward r (exact match); advantage A = (r - mean r) / std r per group")
+    for i in range(len(A)):
+        print(f"  y{i + 1:<2} {show_tokens(policy, batch.prompts[i], batch.responses[i])}"
+              f"   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
+    masks, weights, old_terms = masks_and_old_terms(
+        policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
+    print(f"\n3. n_t = {n} masks per response, weight w = L/k for k of L masked; the old "
+          "policy's l_old_j = w sum_k 1[masked] log p_old(y^k | y_t, x), without gradient")
+    print("\n4. for j = 1..n_t: l_j (with a graph), d_j = l_j - l_old_j, g_j; "
+          "L_j = -(1/B) sum_i g_ij; L_j.backward() frees sample j's graph")
+    model.zero_grad(set_to_none=True)
+    for j in range(n):
+        term = _elbo_term(model, batch.prompts, batch.responses, masks[j], weights[j],
+                          policy.mask_id, batch.prompt_mask)                  # (B,), a graph
+        g = bgpo_sample_objective(term, old_terms[j], A, n, cfg.clip)        # (B,)
+        for i in range(len(A)):
+            branch = "tangent A(1+d)/n_t" if A[i] >= 0 else "Jensen  A e^d/n_t"
+            print(f"  j={j + 1} y{i + 1:<2} "
+                  f"{show_tokens(policy, batch.prompts[i], batch.responses[i], masks[j, i])}"
+                  f"  k={int(masks[j, i].sum())} w={weights[j, i]:.3f}  l_old={old_terms[j, i]:+.4f}"
+                  f"  l={term[i].item():+.4f}  d={term[i].item() - old_terms[j, i]:+.1e}"
+                  f"  g={g[i].item():+.4f}  {branch}")
+        loss_j = -g.mean()
+        loss_j.backward()
+        print(f"  L_{j + 1} = {loss_j.item():+.6f}: backwarded; sample {j + 1}'s graph is freed\n")
+    print("5. one optimizer step would follow; --explain leaves the weights as they are\n")
+    explain_checks(policy, cfg, batch, masks, weights, old_terms)
+
+
+def explain_checks(policy, cfg, batch, masks, weights, old_terms):
+    """The claims, on the batch --explain printed: equal gradients on-policy,
+    R_lb <= R off-policy, and the activation memory of each method."""
+    model, n, A = policy.model, masks.shape[0], batch.advantages
+    inputs = (model, batch.prompts, batch.responses, A, masks, weights, old_terms, policy.mask_id)
+    bgpo_grad = flat_grad(model).clone()            # what step 4 accumulated
+    model.zero_grad(set_to_none=True)
+    policy_loss_backward(*inputs, method="naive", clip=cfg.clip, prompt_mask=batch.prompt_mask)
+    naive_grad = flat_grad(model).clone()
+    model.zero_grad(set_to_none=True)
+    print(f"check, on-policy: max |grad BGPO - grad naive| = "
+          f"{(bgpo_grad - naive_grad).abs().max():.2e}, largest |grad naive| = "
+          f"{naive_grad.abs().max():.2e}")
+    scale = cfg.perturb or 0.05
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    perturb_weights(model, scale, cfg.seed)
+    with torch.no_grad():
+        terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights,
+                           policy.mask_id, batch.prompt_mask)                 # (n_t, B)
+        R = naive_objective(terms, old_terms, A, cfg.clip)                    # (B,)
+        R_lb = sum(bgpo_sample_objective(terms[j], old_terms[j], A, n, cfg.clip)
+                   for j in range(n))                                          # (B,)
+    model.load_state_dict(original)
+    print(f"check, off-policy (weights moved by {scale} parameter stds): "
+          "R_lb = sum_j g_j <= R = exp(mean_j d_j) A for every response")
+    for i in range(len(A)):
+        print(f"  y{i + 1:<2} A = {A[i]:+.3f}   R_lb = {R_lb[i]:+.6f} <= R = {R[i]:+.6f}   "
+              f"{'holds' if R_lb[i] <= R[i] else 'FAILS'}")
+    print("activation memory held for backward by one policy_loss_backward call on this batch")
+    for method in METHODS:
+        _, nbytes, _, _ = measure(lambda: policy_loss_backward(
+            *inputs, method=method, clip=cfg.clip, prompt_mask=batch.prompt_mask),
+            model, policy.device)
+        print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
+    model.zero_grad(set_to_none=True)
+
+
+def batch_with_both_signs(policy, cfg, tries=100):
+    """A seeded rollout in which some A > 0 and some A < 0, so that both of
+    BGPO's lemmas show (the first of `tries` draws that has both)."""
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    for _ in range(tries):
+        problems = policy.task.train[
+            torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
+        batch = rollout(policy, problems, cfg, sample_rng)
+        if (batch.advantages > 0).any() and (batch.advantages < 0).any():
+            break
+    return batch
+
+
+def show_tokens(policy, prompt, response, mask=None):
+    """'37+48=' + '0_5': the prompt, then the response with '_' where masked."""
+    tokenizer, end = policy.tokenizer, toy_dllm.end_token_id(policy.tokenizer)
+    prompt = [t for t in prompt.tolist() if t != end]  # left padding
+    text = tokenizer.decode(prompt).replace(" ", "")
+    for k, t in enumerate(response.tolist()):
+        masked = mask is not None and bool(mask[k])
+        text += "_" if masked else "." if t == end else tokenizer.decode([t]).strip()
+    return text
+
+
+def format_table(rows):
+    """Rows of dicts -> an aligned text table, with the units of the columns."""
+    if rows and "method" in rows[0]:
+        head = ["method", "n_t", "objective", "max|grad-naive|", "act. MB", "ms/call", "time/naive"]
+        naive_seconds = {r["samples"]: r["seconds"] for r in rows if r["method"] == "naive"}
+        body = [[r["method"], r["samples"], f"{r['objective']:+.6f}", f"{r['grad_max_abs_diff']:.1e}",
+                 f"{r['peak_activation_bytes'] / 2**20:.2f}", f"{1000 * r['seconds']:.0f}",
+                 f"{r['seconds'] / naive_seconds[r['samples']]:.2f}"]
+                + ([f"{r['cuda_peak_bytes'] / 2**20:.1f}"] if r["cuda_peak_bytes"] is not None else [])
+                for r in rows]
+        if rows[0]["cuda_peak_bytes"] is not None:
+            head.append("CUDA peak MB")
+    else:
+        head = ["scheme", "n_t", "rel. std", "rel. bias", "bias floor", "rel. error"]
+        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}",
+                 f"{r['bias_floor']:.3f}", f"{r['rel_error']:.3f}"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
-# 8. Command line
+# 8. Command line, in the order main calls it: flags -> Config, device,
+#    model (the toy or --model), checks, then one of compare / grad-stats /
+#    explain / train.
 
 
 class Parser(argparse.ArgumentParser):
@@ -763,6 +979,13 @@ def _sample_counts(text):
     return [_number(int, 1)(part) for part in text.split(",")]
 
 
+class _SampleCounts(argparse.Action):
+    """--samples 16 or --samples 1,4,16: n_t (the first) and the whole list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.samples, namespace.sample_counts = values[0], tuple(values)
+
+
 def build_parser():
     p = Parser(prog="bgpo.py", description="BGPO on a tiny diffusion LM (or a real one).")
     mode = p.add_mutually_exclusive_group()
@@ -770,45 +993,114 @@ def build_parser():
                       help="table: naive vs two_pass vs bgpo, per n_t (value, gradient, memory, time)")
     mode.add_argument("--grad-stats", action="store_true",
                       help="table: relative std, bias and error of the BGPO gradient, per n_t and scheme")
+    mode.add_argument("--explain", action="store_true",
+                      help="one BGPO step on a small batch (2 prompts x 4 responses, n_t = 2 "
+                           "unless given), every number printed")
     a = p.add_argument
-    a("--samples", type=_sample_counts, default=[16], metavar="N[,N...]",
+    a("--samples", type=_sample_counts, action=_SampleCounts, metavar="N[,N...]",
       help="n_t, Monte-Carlo samples per response (a list for --compare / --grad-stats)")
-    a("--method", choices=METHODS, default="bgpo", help="objective for training")
-    a("--scheme", choices=SCHEMES, default="stratified", help="how masks are drawn")
-    a("--steps", type=_number(int, 1), default=250, help="RL steps")
-    a("--prompts", type=_number(int, 1), default=16, help="prompts per step")
-    a("--group", type=_number(int, 2), default=8, help="G, responses per prompt")
-    a("--lr", type=_number(float, 0, low_open=True), default=1e-4, help="AdamW learning rate")
-    a("--seed", type=_number(int, 0), default=0)
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--temperature", type=_number(float, 0), default=0.6, help="rollout temperature")
-    a("--sampler-steps", type=_number(int, 1), default=None,
+    a("--method", choices=METHODS, help="objective for training")
+    a("--scheme", choices=SCHEMES, help="how masks are drawn")
+    a("--steps", type=_number(int, 1), help="RL steps")
+    a("--prompts", type=_number(int, 1), help="prompts per step")
+    a("--group", type=_number(int, 2), help="G, responses per prompt")
+    a("--lr", type=_number(float, 0, low_open=True), help="AdamW learning rate")
+    a("--seed", type=_number(int, 0))
+    a("--device", choices=("auto", "cpu", "cuda"))
+    a("--temperature", type=_number(float, 0), help="rollout temperature")
+    a("--sampler-steps", type=_number(int, 1),
       help="denoising steps per response (default: one per token)")
-    a("--block-length", type=_number(int, 1), default=None,
+    a("--block-length", type=_number(int, 1),
       help="sampler block length (default: the response length)")
-    a("--updates-per-batch", type=_number(int, 1), default=1,
+    a("--updates-per-batch", type=_number(int, 1),
       help="optimizer updates per rollout batch, on disjoint mini-batches (1 = on-policy)")
-    a("--clip", type=_number(float, 0, 1, low_open=True), default=None, metavar="EPS",
+    a("--clip", type=_number(float, 0, 1, low_open=True), metavar="EPS",
       help="PPO clipping of the surrogate ratio (off by default, as in the paper)")
     a("--length-norm", action="store_true",
       help="divide each ELBO term by the response length, as the official code does")
-    a("--max-grad-norm", type=_number(float, 0, low_open=True), default=None, metavar="X",
+    a("--max-grad-norm", type=_number(float, 0, low_open=True), metavar="X",
       help="clip the gradient's total norm to X before each update (off by default)")
-    a("--eval-every", type=_number(int, 1), default=25, help="steps between test evaluations")
-    a("--perturb", type=_number(float, 0), default=0.0,
-      help="--compare only: perturb the weights by this many parameter stds (off-policy)")
+    a("--eval-every", type=_number(int, 1), help="steps between test evaluations")
+    a("--perturb", type=_number(float, 0),
+      help="--compare / --explain: perturb the weights by this many parameter stds (off-policy)")
     a("--json", action="store_true", help="print --compare / --grad-stats rows as JSON")
     a("--out", metavar="DIR", help="write metrics.jsonl, summary.json and the final model here")
-    a("--save-every", type=_number(int, 1), default=None, help="checkpoint every N steps under --out")
+    a("--save-every", type=_number(int, 1), help="checkpoint every N steps under --out")
     a("--resume", metavar="DIR", help="continue the run saved in DIR (its --out)")
     a("--model", metavar="PATH_OR_NAME", help="a transformers masked-LM checkpoint (default: the toy)")
     a("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (LLaDA)")
-    a("--mask-id", type=_number(int, 0), default=None, help="[MASK] id if the tokenizer names none")
-    a("--response-length", type=_number(int, 1), default=None,
+    a("--mask-id", type=_number(int, 0), help="[MASK] id if the tokenizer names none")
+    a("--response-length", type=_number(int, 1),
       help="response tokens with --model (default: the longest answer + 1)")
-    a("--digits", type=_number(int, 2, 9), default=2, help="operand digits of the task")
-    a("--test-size", type=_number(int, 1), default=1000, help="test problems")
+    a("--digits", type=_number(int, 2, 9), help="operand digits of the task")
+    a("--test-size", type=_number(int, 1), help="test problems")
+    p.set_defaults(**dataclasses.asdict(Config()))  # the defaults live in Config
     return p
+
+
+RESUMABLE = ("steps", "device", "save_every", "trust_remote_code")  # what --resume may change
+EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's batch, unless given
+
+
+def parse_args(parser, argv):
+    """Flags, merged with the saved run's settings under --resume, and checked
+    against each other. Returns (a Config, the checkpoint to resume or None)."""
+    unset = object()
+    given = {k for k, v in vars(parser.parse_args(argv, namespace=argparse.Namespace(
+        **{f.name: unset for f in dataclasses.fields(Config)}))).items()
+        if v is not unset}  # the flags typed on the command line, not defaulted
+    args = vars(parser.parse_args(argv))
+    checkpoint = None
+    if args["resume"]:
+        run, checkpoint = read_run(args["resume"], given, parser)
+        changed = sorted(k for k in given - {"resume", "out", *RESUMABLE}
+                         if json.loads(json.dumps(args[k])) != run.get(k))
+        if changed:
+            parser.error("--resume continues a run as it was set up; "
+                         f"cannot change --{changed[0].replace('_', '-')}")
+        # a setting that run.json lacks (a flag added since) keeps its default;
+        # consent to run shipped code comes from this command line only
+        args = {**args, **run, "trust_remote_code": False, **{k: args[k] for k in given},
+                "out": args["resume"]}
+    if args["explain"]:
+        args.update({k: v for k, v in EXPLAIN.items() if k not in given})
+    cfg = Config(**{**args, "sample_counts": tuple(args["sample_counts"])})
+    check_flags(cfg, parser)
+    return cfg, checkpoint
+
+
+def read_run(out, given, parser):
+    """run.json's settings and the latest checkpoint of the run saved in out."""
+    saved, found = os.path.join(out, "run.json"), checkpoints(out)
+    if not os.path.isfile(saved) or not found:
+        parser.error(f"--resume {out}: no run with a checkpoint there")
+    try:
+        with open(saved) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"--resume {out}: cannot read run.json ({e})")
+    if not isinstance(run, dict) or not {"samples", "method", "steps", "seed"} <= set(run):
+        parser.error(f"--resume {out}: run.json does not hold this program's settings")
+    if run.get("trust_remote_code") and "trust_remote_code" not in given:
+        parser.error(f"--resume {out}: its model ships code of its own; "
+                     "add --trust-remote-code to allow it to run")
+    if isinstance(run["samples"], list):  # written before sample_counts had its own key
+        run["samples"], run["sample_counts"] = run["samples"][0], run["samples"]
+    known = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in run.items() if k in known}, found[-1]
+
+
+def check_flags(cfg, parser):
+    """Flags that are each fine but do not go together."""
+    if not (cfg.compare or cfg.grad_stats):
+        if len(cfg.sample_counts) != 1:
+            parser.error("--samples takes one n_t when training "
+                         "(lists are for --compare / --grad-stats)")
+        if cfg.prompts % cfg.updates_per_batch:
+            parser.error(f"--updates-per-batch {cfg.updates_per_batch} must divide "
+                         f"--prompts {cfg.prompts}")
+        if cfg.save_every and not cfg.out:
+            parser.error("--save-every needs --out")
 
 
 def resolve_device(name, parser):
@@ -847,33 +1139,15 @@ def saved_settings(path):
     return saved if isinstance(saved, dict) else {}
 
 
-def load_policy(args, parser, device, checkpoint=None):
-    """The toy warm start, or the checkpoint given by --model (or --resume)."""
-    path = checkpoint or args.model
-    source = f"--resume {args.resume}" if checkpoint else f"--model {path}"
-    if path is None:
-        try:
-            model, tokenizer, task, _ = toy_dllm.warm_start(n_digits=args.digits,
-                                                            n_test=args.test_size)
-        except ValueError as e:
-            parser.error(str(e))
-    else:
-        looks_like_hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        if not os.path.exists(path) and not looks_like_hub_name:
-            parser.error(f"{source}: no such file or directory")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model, tokenizer = load_checkpoint(path, args.trust_remote_code)
-        except Exception as e:  # transformers raises many kinds; all mean "unusable"
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            parser.error(f"{source}: cannot load a masked LM and tokenizer ({reason})")
-        try:
-            task = toy_dllm.make_task(args.digits, args.test_size)
-        except ValueError as e:
-            parser.error(str(e))
+def load_policy(cfg, parser, device, checkpoint=None):
+    """The toy warm start, or the checkpoint given by --model (or --resume),
+    with its mask id and response length checked against the task."""
+    path = checkpoint or cfg.model
+    model, tokenizer, task = load_model_and_task(cfg, parser, path,
+                                                 f"--resume {cfg.resume}" if checkpoint
+                                                 else f"--model {path}")
     saved = saved_settings(path) if path else {}
-    mask_id = next((m for m in (args.mask_id, saved.get("mask_id"), tokenizer.mask_token_id)
+    mask_id = next((m for m in (cfg.mask_id, saved.get("mask_id"), tokenizer.mask_token_id)
                     if m is not None), None)
     vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
     if mask_id is None:
@@ -886,7 +1160,7 @@ def load_policy(args, parser, device, checkpoint=None):
         parser.error(f"{path}: {e}")
     answer_ids = tokenizer(task.answers(task.test), add_special_tokens=False)["input_ids"]
     longest = max(len(ids) for ids in answer_ids)
-    length = (args.response_length or saved.get("response_length")
+    length = (cfg.response_length or saved.get("response_length")
               or (task.answer_length if path is None else longest + 1))
     if length < longest:
         parser.error(f"--response-length {length} is shorter than the longest answer ({longest} tokens)")
@@ -896,6 +1170,50 @@ def load_policy(args, parser, device, checkpoint=None):
         parser.error(f"prompt ({prompt_len}) + response ({length}) tokens exceed the model's "
                      f"{max_pos} positions")
     return Policy(model.to(device).eval(), tokenizer, task, mask_id, length, device)
+
+
+def load_model_and_task(cfg, parser, path, source):
+    """(model, tokenizer, task): the toy warm start if path is None, else the
+    checkpoint at path; `source` names the flag that gave it, for errors."""
+    try:
+        if path is None:
+            return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size)[:3]
+        task = toy_dllm.make_task(cfg.digits, cfg.test_size)
+    except ValueError as e:
+        parser.error(str(e))
+    looks_like_hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not os.path.exists(path) and not looks_like_hub_name:
+        parser.error(f"{source}: no such file or directory")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, tokenizer = load_checkpoint(path, cfg.trust_remote_code)
+    except Exception as e:  # transformers raises many kinds; all mean "unusable"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        parser.error(f"{source}: cannot load a masked LM and tokenizer ({reason})")
+    return model, tokenizer, task
+
+
+def check_sampler_args(cfg, length, parser):
+    """--block-length and --sampler-steps against the response length."""
+    block = cfg.block_length or length
+    if length % block:
+        parser.error(f"--block-length {block} must divide the response length {length}")
+    if (cfg.sampler_steps or length) % (length // block):
+        parser.error(f"--sampler-steps {cfg.sampler_steps} must be a multiple of the "
+                     f"number of blocks ({length // block})")
+
+
+def load_resume_state(cfg, checkpoint, device, parser):
+    """load_trainer_state, with a damaged or foreign file as a one-line error."""
+    try:
+        return load_trainer_state(checkpoint, device)
+    except ValueError as e:
+        parser.error(f"--resume {cfg.resume}: {e}")
+    except Exception as e:  # truncated or foreign file: torch raises many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        parser.error(f"--resume {cfg.resume}: cannot read "
+                     f"{os.path.basename(checkpoint)}/trainer_state.pt ({reason})")
 
 
 def prepare_out(out, parser, resuming):
@@ -910,127 +1228,38 @@ def prepare_out(out, parser, resuming):
         parser.error(f"--out {out} already holds a run; use --resume {out} or another --out")
 
 
-RESUMABLE = ("steps", "device", "save_every", "trust_remote_code")  # what --resume may change
-
-
-def parse_args(parser, argv):
-    """Flags, merged with the saved run's settings under --resume, and checked
-    against each other. Returns (args, the checkpoint to resume or None)."""
-    unset = object()
-    given = {k for k, v in vars(parser.parse_args(
-        argv, namespace=argparse.Namespace(**{a.dest: unset for a in parser._actions}))).items()
-        if v is not unset}  # the flags typed on the command line, not defaulted
-    args = parser.parse_args(argv)
-    checkpoint = None
-    if args.resume:
-        saved, found = os.path.join(args.resume, "run.json"), checkpoints(args.resume)
-        if not os.path.isfile(saved) or not found:
-            parser.error(f"--resume {args.resume}: no run with a checkpoint there")
-        try:
-            with open(saved) as f:
-                run = json.load(f)
-        except (OSError, ValueError) as e:
-            parser.error(f"--resume {args.resume}: cannot read run.json ({e})")
-        if not isinstance(run, dict) or not {"samples", "method", "steps", "seed"} <= set(run):
-            parser.error(f"--resume {args.resume}: run.json does not hold this program's settings")
-        if run.get("trust_remote_code") and "trust_remote_code" not in given:
-            parser.error(f"--resume {args.resume}: its model ships code of its own; "
-                         "add --trust-remote-code to allow it to run")
-        changed = sorted(k for k in given - {"resume", "out", *RESUMABLE}
-                         if getattr(args, k) != run.get(k))
-        if changed:
-            parser.error("--resume continues a run as it was set up; "
-                         f"cannot change --{changed[0].replace('_', '-')}")
-        # a setting that run.json lacks (a flag added since) keeps its default;
-        # consent to run shipped code comes from this command line only
-        args = argparse.Namespace(**{**vars(args), **run, "trust_remote_code": False,
-                                     **{k: getattr(args, k) for k in given}})
-        args.out, checkpoint = args.resume, found[-1]
-    if not (args.compare or args.grad_stats):
-        if len(args.samples) != 1:
-            parser.error("--samples takes one n_t when training "
-                         "(lists are for --compare / --grad-stats)")
-        if args.prompts % args.updates_per_batch:
-            parser.error(f"--updates-per-batch {args.updates_per_batch} must divide "
-                         f"--prompts {args.prompts}")
-        if args.save_every and not args.out:
-            parser.error("--save-every needs --out")
-    return args, checkpoint
-
-
-def check_sampler_args(args, length, parser):
-    """--block-length and --sampler-steps against the response length."""
-    block = args.block_length or length
-    if length % block:
-        parser.error(f"--block-length {block} must divide the response length {length}")
-    if (args.sampler_steps or length) % (length // block):
-        parser.error(f"--sampler-steps {args.sampler_steps} must be a multiple of the "
-                     f"number of blocks ({length // block})")
-
-
 def main(argv=None):
     parser = build_parser()
-    args, checkpoint = parse_args(parser, argv)
-    device = resolve_device(args.device, parser)
-    policy = load_policy(args, parser, device, checkpoint)
-    args.response_length = policy.response_length  # saved in run.json for --resume
-    check_sampler_args(args, policy.response_length, parser)
-    args.progress = True
+    cfg, checkpoint = parse_args(parser, argv)
+    device = resolve_device(cfg.device, parser)
+    policy = load_policy(cfg, parser, device, checkpoint)
+    check_sampler_args(cfg, policy.response_length, parser)
 
-    if args.compare or args.grad_stats:
-        rows = (compare(policy, args, args.samples) if args.compare
-                else grad_stats(policy, args, args.samples))
-        print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    if cfg.compare or cfg.grad_stats:
+        rows = (compare(policy, cfg, cfg.sample_counts) if cfg.compare
+                else grad_stats(policy, cfg, cfg.sample_counts))
+        print(json.dumps(rows, indent=1) if cfg.json else format_table(rows))
+        return 0
+    if cfg.explain:
+        explain(policy, cfg)
         return 0
 
-    args.samples = args.samples[0]
-    resume_state = None
-    if checkpoint:
-        try:
-            resume_state = load_trainer_state(checkpoint, device)
-        except ValueError as e:
-            parser.error(f"--resume {args.resume}: {e}")
-        except Exception as e:  # truncated or foreign file: torch raises many kinds
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            parser.error(f"--resume {args.resume}: cannot read "
-                         f"{os.path.basename(checkpoint)}/trainer_state.pt ({reason})")
-    if args.out:  # only now, with every check passed, is anything written
-        prepare_out(args.out, parser, resuming=checkpoint is not None)
-        run = {k: v for k, v in vars(args).items() if k != "progress"}
-        run["samples"] = [args.samples]
-        write_atomic(os.path.join(args.out, "run.json"), json.dumps(run, indent=1) + "\n")
-    print(f"BGPO ({args.method}, n_t={args.samples}) on {args.model or 'the toy diffusion LM'}, "
-          f"{args.steps} steps of {args.prompts}x{args.group} responses, device {device}")
+    resume_state = load_resume_state(cfg, checkpoint, device, parser) if checkpoint else None
+    if cfg.out:  # only now, with every check passed, is anything written
+        prepare_out(cfg.out, parser, resuming=checkpoint is not None)
+        run = dict(dataclasses.asdict(cfg), response_length=policy.response_length)
+        toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"), json.dumps(run, indent=1) + "\n")
+    print(f"BGPO ({cfg.method}, n_t={cfg.samples}) on {cfg.model or 'the toy diffusion LM'}, "
+          f"{cfg.steps} steps of {cfg.prompts}x{cfg.group} responses, device {device}")
     try:
-        train(policy, args, out=args.out, resume_state=resume_state)
+        train(policy, cfg, out=cfg.out, resume_state=resume_state)
     except KeyboardInterrupt:
-        found = checkpoints(args.out) if args.out else []
-        hint = (f"continue with --resume {args.out} (from {os.path.basename(found[-1])})"
+        found = checkpoints(cfg.out) if cfg.out else []
+        hint = (f"continue with --resume {cfg.out} (from {os.path.basename(found[-1])})"
                 if found else "no checkpoint to resume from (see --save-every)")
         print(f"\nbgpo.py: interrupted; {hint}", file=sys.stderr)
         return 130
     return 0
-
-
-def format_table(rows):
-    """Rows of dicts -> an aligned text table, with the units of the columns."""
-    if rows and "method" in rows[0]:
-        head = ["method", "n_t", "objective", "max|grad-naive|", "act. MB", "ms/call", "time/naive"]
-        naive_seconds = {r["samples"]: r["seconds"] for r in rows if r["method"] == "naive"}
-        body = [[r["method"], r["samples"], f"{r['objective']:+.6f}", f"{r['grad_max_abs_diff']:.1e}",
-                 f"{r['peak_activation_bytes'] / 2**20:.2f}", f"{1000 * r['seconds']:.0f}",
-                 f"{r['seconds'] / naive_seconds[r['samples']]:.2f}"]
-                + ([f"{r['cuda_peak_bytes'] / 2**20:.1f}"] if r["cuda_peak_bytes"] is not None else [])
-                for r in rows]
-        if rows[0]["cuda_peak_bytes"] is not None:
-            head.append("CUDA peak MB")
-    else:
-        head = ["scheme", "n_t", "rel. std", "rel. bias", "bias floor", "rel. error"]
-        body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}",
-                 f"{r['bias_floor']:.3f}", f"{r['rel_error']:.3f}"] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -474,20 +474,45 @@ def warm_start(verbose=True, **overrides):
                      target_accuracy=settings["target_accuracy"],
                      eval_every=settings["eval_every"])
     os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-")
-    try:
+
+    def save(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "warm_start.json"), "w") as f:
             json.dump(settings, f, indent=1)
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(path):  # another process may have won the race
-            raise
+
+    save_dir_atomic(path, save, replace=False)  # another process may have saved it first
     if verbose:
         print(f"warm start: {steps} steps in {time.time() - t0:.1f}s, cached at {path}")
     return model, tokenizer, task, settings
+
+
+# -----------------------------------------------------------------------------
+# 8. Saving without half-written files (bgpo.py uses these too)
+
+
+def write_atomic(path, text):
+    """Write a file so that it is either the old one or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_dir_atomic(path, save, replace=True):
+    """save(tmp_dir), then rename tmp_dir to path: path is never half-written.
+    An existing path is replaced, or with replace=False kept (ours dropped)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        save(tmp)
+        if os.path.isdir(path):
+            if not replace:
+                return
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,20 @@ def test_max_grad_norm_clips_the_update(warm, monkeypatch):
                                                     real_step()))
     bgpo.rl_step(policy, optimizer, batch, cfg, torch.Generator().manual_seed(0))
     assert norms and norms[0] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_explain_prints_a_step_whose_equality_and_bound_hold(warm, capsys):
+    """--explain's own numbers: both lemmas appear, BGPO's on-policy gradient
+    equals the naive one, and R_lb <= R for every response off-policy."""
+    import re
+    assert bgpo.main(["--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "tangent" in out and "Jensen" in out                 # A > 0 and A < 0 both shown
+    assert len(re.findall(r"^  j=\d y\d+ ", out, re.M)) == 2 * 8  # n_t = 2 x 8 responses
+    diff, largest = map(float, re.search(
+        r"max \|grad BGPO - grad naive\| = (\S+), largest \|grad naive\| = (\S+)", out).groups())
+    assert largest > 0 and diff <= 1e-5 * largest
+    pairs = re.findall(r"R_lb = (\S+) <= R = (\S+)", out)
+    assert len(pairs) == 8
+    assert all(float(lb) <= float(r) + 1e-6 for lb, r in pairs)  # printed with 6 decimals
+    assert "FAILS" not in out and re.search(r"bgpo +\d+\.\d+ MB", out)
