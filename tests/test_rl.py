@@ -141,7 +141,7 @@ def test_inconsistent_flags_are_one_line_errors(warm, argv, words, capsys):
     assert status == 2 and words in err and err.count("\n") == 1
 
 
-def test_grad_stats_std_and_error_fall_with_more_samples_and_bias_is_noise(warm):
+def test_grad_stats_std_and_error_fall_with_more_samples(warm):
     """Monte-Carlo averaging: 16 samples give a less noisy gradient, closer to
     the golden one, than 1, for both schemes (fewer draws and a cheaper golden
     than the CLI). 3 is not a sub-grid of 16's draw: it gets draws of its own."""
@@ -156,9 +156,11 @@ def test_grad_stats_std_and_error_fall_with_more_samples_and_bias_is_noise(warm)
         assert sixteen["rel_std"] < one["rel_std"] / 2      # ~1/4 expected
         assert sixteen["rel_error"] < one["rel_error"] / 2
         assert sixteen["rel_std"] < three["rel_std"]
-    for r in rows:  # on-policy BGPO is unbiased: what the bias column shows is noise
-        assert r["rel_bias"] < 3 * r["bias_floor"]
-        assert r["rel_bias"] < r["rel_error"]
+    # rel_bias and bias_floor are reported, not asserted on: with 4 draws the
+    # floor is too wide to catch even weights off by 2x. Unbiasedness is
+    # checked against exact enumeration in test_objectives.py.
+    for r in rows:
+        assert 0 < r["bias_floor"] and 0 <= r["rel_bias"]
     assert model.training is False and all(p.grad is None for p in model.parameters())
 
 def toy_policy(warm):
