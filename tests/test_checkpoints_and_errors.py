@@ -14,6 +14,30 @@ from test_rl import SMALL, read_metrics, run
 TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2", "--test-size", "20"]
 
 
+@pytest.fixture(scope="module")
+def saved_run(warm, tmp_path_factory):
+    """A 3-step toy run with a checkpoint at step 3. Tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert run(SMALL + ["--save-every", "3", "--out", str(out)])[0] == 0
+    return out
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def copy_of(saved_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    return out
+
+
 def make_bert_checkpoint(path, with_mask=True):
     """A tiny BERT with its own WordPiece vocabulary, saved like any hub model."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if with_mask else [])
@@ -89,9 +113,8 @@ def test_unwritable_out(warm, tmp_path, capsys):
     assert_clean_error(status, err, "--out", "cannot write")
 
 
-def test_out_holding_a_run_is_not_overwritten(warm, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run(SMALL + ["--out", str(out)], capsys)[0] == 0
+def test_out_holding_a_run_is_not_overwritten(saved_run, tmp_path, capsys):
+    out = copy_of(saved_run, tmp_path)
     before = (out / "metrics.jsonl").read_text()
     status, err = run(SMALL + ["--out", str(out)], capsys)
     assert_clean_error(status, err, "--resume")
@@ -137,9 +160,8 @@ def bgpo_checkpoints(out):
     return [type(out)(p) for p in bgpo.checkpoints(str(out))]
 
 
-def test_resume_refuses_changed_settings(warm, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run(SMALL + ["--save-every", "1", "--out", str(out)], capsys)[0] == 0
+def test_resume_refuses_changed_settings(saved_run, tmp_path, capsys):
+    out = copy_of(saved_run, tmp_path)
     status, err = run(["--resume", str(out), "--lr", "0.1"], capsys)
     assert_clean_error(status, err, "--lr")
 
@@ -202,10 +224,9 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
-def test_resume_on_another_kind_of_device_is_refused(warm, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run(SMALL + ["--save-every", "2", "--out", str(out)], capsys)[0] == 0
-    path = out / "checkpoint-2" / "trainer_state.pt"
+def test_resume_on_another_kind_of_device_is_refused(saved_run, tmp_path, capsys):
+    out = copy_of(saved_run, tmp_path)
+    path = out / "checkpoint-3" / "trainer_state.pt"
     state = torch.load(path, weights_only=True)
     state["device_type"] = "cuda"  # as if the run had been saved on a GPU
     torch.save(state, path)
@@ -229,30 +250,11 @@ def test_output_piped_into_head_ends_without_traceback(warm):
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def saved_run(warm, tmp_path_factory):
-    """A 3-step toy run with a checkpoint at step 3. Tests copy it before touching it."""
-    out = tmp_path_factory.mktemp("saved") / "run"
-    assert run(SMALL + ["--save-every", "3", "--out", str(out)])[0] == 0
-    return out
-
-
-def snapshot(directory):
-    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file()}
-
-
-def truncate(path):
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 @pytest.mark.parametrize("damage", ["trainer_state", "model_file", "run_json_not_json",
                                     "run_json_not_object"])
 def test_damaged_run_is_a_one_line_error_that_changes_nothing(saved_run, tmp_path, capsys,
                                                               damage):
-    import shutil
-    out = tmp_path / "run"
-    shutil.copytree(saved_run, out)
+    out = copy_of(saved_run, tmp_path)
     if damage == "trainer_state":
         truncate(out / "checkpoint-3" / "trainer_state.pt")
     elif damage == "model_file":
