@@ -830,7 +830,7 @@ def explain(policy, cfg):
     """--explain: one BGPO step on a small batch, in the order of the algorithm,
     with every number printed; then the two claims checked on that batch.
     The weights are left as they were (no optimizer step is taken)."""
-    model, tokenizer = policy.model, policy.tokenizer
+    model = policy.model
     batch = batch_with_both_signs(policy, cfg)
     n, A = cfg.samples, batch.advantages
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "

@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig,
                           BertForMaskedLM, PreTrainedTokenizerFast)
