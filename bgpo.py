@@ -833,15 +833,19 @@ def explain(policy, cfg):
     model = policy.model
     batch = batch_with_both_signs(policy, cfg)
     n, A = cfg.samples, batch.advantages
+    if not ((A > 0).any() and (A < 0).any()):
+        print("(no batch of the first 100 had advantages of both signs: one lemma only)")
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
           f"scheme {cfg.scheme}; '_' is [MASK], '.' the end token\n")
     print("1-2. rollout; reward r (exact match); advantage A = (r - mean r) / std r per group")
+    truths = policy.task.answers(batch.problems)
     for i in range(len(A)):
         print(f"  y{i + 1:<2} {show_tokens(policy, batch.prompts[i], batch.responses[i])}"
-              f"   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
+              f"   (truth {truths[i]})   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
-    print(f"\n3. n_t = {n} masks per response, weight w = L/k for k of L masked; the old "
+    rule = {"stratified": "L/k", "uniform_t": "(L+1)/k"}[cfg.scheme] + " / L" * cfg.length_norm
+    print(f"\n3. n_t = {n} masks per response, weight w = {rule} for k of L masked; the old "
           "policy's l_old_j = w sum_k 1[masked] log p_old(y^k | y_t, x), without gradient")
     print("\n4. for j = 1..n_t: l_j (with a graph), d_j = l_j - l_old_j, g_j; "
           "L_j = -(1/B) sum_i g_ij; L_j.backward() frees sample j's graph")
