@@ -89,6 +89,8 @@ class Config:
     model: str = None              # a transformers masked-LM checkpoint; None: the toy
     trust_remote_code: bool = False  # allow code shipped with the checkpoint
     mask_id: int = None            # [MASK] id if the tokenizer names none
+    shifted_logits: str = "auto"   # "yes": token i is predicted at position i - 1 (Dream);
+                                   # "auto": yes for the model types in SHIFTED_MODEL_TYPES
     response_length: int = None    # response tokens; None: the answer (+ 1 with --model)
     digits: int = 2                # operand digits of the task
     test_size: int = 1000          # test problems
@@ -1034,6 +1036,8 @@ def build_parser():
     a("--model", metavar="PATH_OR_NAME", help="a transformers masked-LM checkpoint (default: the toy)")
     a("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (LLaDA)")
     a("--mask-id", type=_number(int, 0), help="[MASK] id if the tokenizer names none")
+    a("--shifted-logits", choices=("auto", "yes", "no"),
+      help="read token i's prediction at position i-1, as Dream does (auto: by model type)")
     a("--response-length", type=_number(int, 1),
       help="response tokens with --model (default: the longest answer + 1)")
     a("--digits", type=_number(int, 2, 9), help="operand digits of the task")
@@ -1173,7 +1177,27 @@ def load_policy(cfg, parser, device, checkpoint=None):
     if max_pos is not None and prompt_len + length > max_pos:
         parser.error(f"prompt ({prompt_len}) + response ({length}) tokens exceed the model's "
                      f"{max_pos} positions")
+    set_shifted_logits(model, cfg.shifted_logits)
     return Policy(model.to(device).eval(), tokenizer, task, mask_id, length, device)
+
+
+SHIFTED_MODEL_TYPES = ("dream",)  # adapted from autoregressive LMs: predict token i at i - 1
+
+
+def set_shifted_logits(model, choice):
+    """Record on the model's config whether it predicts shifted (see
+    toy_dllm.predicts_shifted): by --shifted-logits, or for "auto" by what the
+    checkpoint says (its model type, or a shifted_logits it was saved with)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    if choice == "auto":
+        shifted = (getattr(config, "shifted_logits", False)
+                   or str(getattr(config, "model_type", "")).lower() in SHIFTED_MODEL_TYPES)
+    else:
+        shifted = choice == "yes"
+    if shifted or hasattr(config, "shifted_logits"):
+        config.shifted_logits = shifted
 
 
 def load_model_and_task(cfg, parser, path, source):

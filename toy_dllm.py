@@ -208,7 +208,8 @@ def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
 
 
 def forward_logits(model, input_ids, attention_mask=None):
-    """model(input_ids).logits; a float32 model on CUDA runs in bfloat16 autocast.
+    """model(input_ids).logits, aligned so that position i predicts token i;
+    a float32 model on CUDA runs in bfloat16 autocast.
 
     Autocast is switched on here, around the forward pass only, so that
     backward runs outside it and CPU (and float64) models stay exact.
@@ -217,7 +218,17 @@ def forward_logits(model, input_ids, attention_mask=None):
     use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
     extra = {} if attention_mask is None else padding_inputs(model, attention_mask)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        return model(input_ids=input_ids, **extra).logits
+        logits = model(input_ids=input_ids, **extra).logits                 # (B, T, V)
+    if predicts_shifted(model):  # the prediction for token i sits at position i - 1
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits
+
+
+def predicts_shifted(model):
+    """True for a masked LM adapted from an autoregressive one (Dream, and
+    models built on it) that predicts token i from position i - 1: its config
+    says `shifted_logits` (bgpo.load_policy sets it; it is saved with it)."""
+    return bool(getattr(getattr(model, "config", None), "shifted_logits", False))
 
 
 def padding_inputs(model, attention_mask):

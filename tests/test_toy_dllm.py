@@ -240,3 +240,41 @@ def test_left_padded_prompt_reads_like_the_unpadded_prompt(tokenizer):
     ids, real = toy_dllm.encode_padded_prompts(tokenizer, ["3+4=", "37+48="])
     assert torch.equal(ids, prompts) and torch.equal(real, prompt_mask)
     assert toy_dllm.encode_padded_prompts(tokenizer, ["3+4=", "5+6="])[1] is None
+
+
+def test_shifted_model_is_read_one_position_earlier(tokenizer):
+    """A model that predicts token i at position i - 1 (Dream's convention):
+    log-probs and greedy samples are read there, and only for such a model."""
+    model = tiny_model(tokenizer, dtype=torch.float64)
+    prompts, responses = random_batch(2, 6, 3)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    mask_id = tokenizer.mask_token_id
+    plain = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id)
+    noisy = torch.cat([prompts, torch.where(mask, mask_id, responses)], 1)
+    logp = model(input_ids=noisy).logits.log_softmax(-1)                      # (B, T, V)
+    at = lambda pos: logp[torch.arange(2)[:, None], pos, responses]           # (B, L)
+    assert torch.allclose(plain, at(torch.arange(6, 9)), rtol=1e-12)
+    model.config.shifted_logits = True
+    assert toy_dllm.predicts_shifted(model)
+    shifted = toy_dllm.token_log_probs(model, prompts, responses, mask, mask_id)
+    assert torch.allclose(shifted, at(torch.arange(5, 8)), rtol=1e-12)
+    # the sampler reads the same place: greedy tokens = argmax of the logits at i - 1
+    out = toy_dllm.generate(model, prompts, mask_id, 1)
+    first = model(input_ids=torch.cat([prompts, torch.full((2, 1), mask_id)], 1)).logits[:, 5]
+    first[:, mask_id] = -float("inf")
+    assert torch.equal(out[:, 0], first.argmax(-1))
+
+
+def test_shifted_logits_are_detected_by_model_type_and_overridable(tokenizer):
+    import types
+    import bgpo
+    dream_like = types.SimpleNamespace(config=types.SimpleNamespace(model_type="Dream"))
+    bgpo.set_shifted_logits(dream_like, "auto")
+    assert toy_dllm.predicts_shifted(dream_like)
+    bgpo.set_shifted_logits(dream_like, "no")
+    assert not toy_dllm.predicts_shifted(dream_like)
+    bert = tiny_model(tokenizer)
+    bgpo.set_shifted_logits(bert, "auto")
+    assert not toy_dllm.predicts_shifted(bert) and not hasattr(bert.config, "shifted_logits")
+    bgpo.set_shifted_logits(bert, "yes")
+    assert toy_dllm.predicts_shifted(bert)
