@@ -80,7 +80,7 @@ class Config:
     block_length: int = None       # sampler block length; None: the response length
     # evaluation, measurements, output
     eval_every: int = 25           # steps between test evaluations
-    perturb: float = 0.0           # --compare: move the weights by this many stds (off-policy)
+    perturb: float = 0.0           # --compare / --explain: move the weights (off-policy)
     json: bool = False             # print --compare / --grad-stats rows as JSON
     out: str = None                # directory for metrics.jsonl, summary.json, model
     save_every: int = None         # checkpoint every N steps under out
@@ -400,11 +400,8 @@ def rollout(policy, problems, cfg, generator):
     """Steps 1-2: cfg.group responses per problem at the rollout temperature,
     their rewards and group advantages."""
     problems = problems.repeat_interleave(cfg.group, dim=0)                   # (B, 2)
-    prompts, prompt_mask = toy_dllm.encode_padded_prompts(policy.tokenizer,
-                                                          policy.task.prompts(problems))
-    prompts = prompts.to(policy.device)                                       # (B, Lp)
-    if prompt_mask is not None:
-        prompt_mask = prompt_mask.to(policy.device)                           # (B, Lp)
+    prompts, prompt_mask = toy_dllm.encode_padded_prompts(
+        policy.tokenizer, policy.task.prompts(problems), policy.device)      # (B, Lp) each
     responses = toy_dllm.generate(
         policy.model, prompts, policy.mask_id, policy.response_length,
         block_length=cfg.block_length, steps=cfg.sampler_steps,

@@ -156,9 +156,10 @@ def end_token_id(tokenizer):
     raise ValueError("the tokenizer names no end, separator or padding token")
 
 
-def encode_padded_prompts(tokenizer, texts):
+def encode_padded_prompts(tokenizer, texts, device=None):
     """Prompt strings -> (Long (B, Lp) ids, left-padded with the end token,
-    Bool (B, Lp) True at real tokens, or None when no prompt is padded).
+    Bool (B, Lp) True at real tokens, or None when no prompt is padded),
+    both on `device`.
 
     With the toy tokenizer every prompt has the same length and there is no
     padding; a subword tokenizer may need some, and padding on the left keeps
@@ -169,7 +170,7 @@ def encode_padded_prompts(tokenizer, texts):
     pad = end_token_id(tokenizer)
     padded = torch.tensor([[pad] * (width - len(row)) + row for row in ids])       # (B, Lp)
     real = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in ids])
-    return padded, (None if real.all() else real)
+    return padded.to(device), (None if real.all() else real.to(device))
 
 
 def encode_prompts(tokenizer, texts):
@@ -397,10 +398,9 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
     device = next(model.parameters()).device
     rewards, failures = [], []
     for chunk in problems.split(batch_size):
-        prompts, prompt_mask = encode_padded_prompts(tokenizer, task.prompts(chunk))
-        responses = generate(model, prompts.to(device), mask_id, length, temperature=0.0,
-                             prompt_mask=None if prompt_mask is None else prompt_mask.to(device),
-                             **sampler_kwargs)
+        prompts, prompt_mask = encode_padded_prompts(tokenizer, task.prompts(chunk), device)
+        responses = generate(model, prompts, mask_id, length, temperature=0.0,
+                             prompt_mask=prompt_mask, **sampler_kwargs)
         r = exact_match_reward(task, tokenizer, chunk, responses)
         rewards.append(r)
         said = decode_responses(tokenizer, responses)
@@ -520,7 +520,11 @@ def save_dir_atomic(path, save, replace=True):
             if not replace:
                 return
             shutil.rmtree(path)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if replace or not os.path.isdir(path):  # kept: saved first by another process
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
