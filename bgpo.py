@@ -580,6 +580,9 @@ def save_model(policy, path):
     """save_pretrained for the model and tokenizer, plus the response length
     and mask id, so that `--model path` works again with no other flag."""
     policy.model.save_pretrained(path)
+    generation = getattr(policy.model, "generation_config", None)
+    if generation is not None and not os.path.exists(os.path.join(path, "generation_config.json")):
+        generation.save_pretrained(path)  # Dream's from_pretrained reads it back
     policy.tokenizer.save_pretrained(path)
     toy_dllm.write_atomic(os.path.join(path, SAVED_SETTINGS), json.dumps(dict(
         response_length=policy.response_length, mask_id=policy.mask_id), indent=1) + "\n")
@@ -1123,14 +1126,22 @@ def load_checkpoint(path, trust_remote_code):
     Weights load in float32 whatever the checkpoint holds: an RL update at a
     small learning rate is far below bfloat16's resolution and would vanish.
     On CUDA the forward passes still run in bfloat16 (toy_dllm.forward_logits).
+    Code shipped with the checkpoint (an `auto_map` in its config, allowed by
+    --trust-remote-code) goes through the compatibility step of section 9.
     """
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    shipped = trust_remote_code and bool(getattr(config, "auto_map", None))
+    if shipped:
+        adapt_shipped_code(config, path)
+    kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
     except ValueError:
         model = AutoModel.from_pretrained(path, **kwargs)
+    if shipped:
+        finish_shipped_model(model)
     return model, tokenizer
 
 
@@ -1175,7 +1186,22 @@ def load_policy(cfg, parser, device, checkpoint=None):
         parser.error(f"prompt ({prompt_len}) + response ({length}) tokens exceed the model's "
                      f"{max_pos} positions")
     set_shifted_logits(model, cfg.shifted_logits)
-    return Policy(model.to(device).eval(), tokenizer, task, mask_id, length, device)
+    model = model.to(device).eval()
+    if path is not None:
+        check_padding(model, tokenizer, task, mask_id, vocab, path)
+    return Policy(model, tokenizer, task, mask_id, length, device)
+
+
+def check_padding(model, tokenizer, task, mask_id, vocab, path):
+    """Find how the model hides left padding (toy_dllm.find_padding_mask) and,
+    where it cannot and the task's prompts need padding, say so."""
+    end = toy_dllm.end_token_id(tokenizer)
+    toy_dllm.find_padding_mask(model, (end, mask_id if mask_id != end else (end + 1) % vocab),
+                               mask_id)
+    padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(task.test))[1] is not None
+    if model.padding_mask_form == "none" and padded:
+        print(f"note: {path} does not hide padding with an attention mask; shorter prompts "
+              "are read with the end tokens that pad them on the left", file=sys.stderr)
 
 
 SHIFTED_MODEL_TYPES = ("dream",)  # adapted from autoregressive LMs: predict token i at i - 1
@@ -1285,6 +1311,155 @@ def main(argv=None):
         print(f"\nbgpo.py: interrupted; {hint}", file=sys.stderr)
         return 130
     return 0
+
+
+# -----------------------------------------------------------------------------
+# 9. Model code shipped with a checkpoint (LLaDA, Dream), written for
+#    transformers 4.x, under the pinned 5.x. Each fix is applied only where the
+#    loaded code needs it, checked on the code itself, and names the change in
+#    transformers that made it necessary. Nothing here edits files: the classes
+#    are adjusted in memory, for this process, after transformers imported them.
+
+
+def adapt_shipped_code(config, path):
+    """Import the model classes the config's auto_map names (as from_pretrained
+    would) and adjust them, before any model is built."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    if not hasattr(config, "use_cache"):
+        # 5.x's PreTrainedConfig drops generation settings (use_cache among them)
+        # from a config's kwargs; 4.x forwards read config.use_cache. Our forward
+        # passes never use a cache.
+        config.use_cache = False
+    for auto, ref in config.auto_map.items():
+        if auto.startswith("AutoModel"):
+            cls = get_class_from_dynamic_module(ref, path)
+            package = cls.__module__.rpartition(".")[0] + "."
+            for name, module in list(sys.modules.items()):
+                if name.startswith(package):
+                    adapt_module(module)
+
+
+def adapt_module(module):
+    from transformers import GenerationConfig, PreTrainedModel
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    table = getattr(module, "ROPE_INIT_FUNCTIONS", None)
+    if table is ROPE_INIT_FUNCTIONS and "default" not in table:
+        # 5.x removed the "default" entry (each model computes its own); this
+        # module's copy of the table gets it back, transformers' own does not.
+        module.ROPE_INIT_FUNCTIONS = {**table, "default": default_rope_parameters}
+    for cls in vars(module).values():
+        if isinstance(cls, type) and cls.__module__ == module.__name__:
+            if issubclass(cls, GenerationConfig):
+                accept_new_keywords(cls, "validate")  # 5.x: validate(strict=, user_set_attributes=)
+            elif issubclass(cls, PreTrainedModel):
+                accept_new_keywords(cls, "tie_weights")  # 5.x: tie_weights(missing_keys=, ...)
+                call_post_init(cls)
+                tied_keys_as_mapping(cls)
+
+
+def accept_new_keywords(cls, method):
+    """Let cls.method(self, ...) written for 4.x be called with the keywords
+    5.x passes: those it does not take are dropped."""
+    import inspect
+    original = cls.__dict__.get(method)
+    if original is None or getattr(original, "adapted", False):
+        return
+    takes = inspect.signature(original).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        return
+
+    def adapted(self, *args, **kwargs):
+        return original(self, *args, **{k: v for k, v in kwargs.items() if k in takes})
+    adapted.adapted = True
+    setattr(cls, method, adapted)
+
+
+def call_post_init(cls):
+    """5.x's from_pretrained reads what post_init() sets (all_tied_weights_keys);
+    4.x code could skip calling it. Call it after an __init__ that did not."""
+    original = cls.__dict__.get("__init__")
+    if original is None or getattr(original, "adapted", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        outermost = type(self).__init__ is __init__  # not a parent's __init__ called by super()
+        if outermost and not hasattr(self, "all_tied_weights_keys"):
+            self.post_init()
+    __init__.adapted = True
+    cls.__init__ = __init__
+
+
+def tied_keys_as_mapping(cls):
+    """5.x reads _tied_weights_keys as {tied parameter: its source}; 4.x code
+    lists the tied parameters, which were tied to the input embeddings."""
+    keys = cls.__dict__.get("_tied_weights_keys")
+    if not isinstance(keys, (list, tuple)):
+        return
+
+    def mapping(self):
+        embeddings = self.get_input_embeddings()
+        source = [n for n, m in self.named_modules() if m is embeddings]
+        return {key: f"{source[0]}.weight" for key in keys} if source else {}
+    cls._tied_weights_keys = property(mapping)
+
+
+def default_rope_parameters(config, device=None, seq_len=None, **kwargs):
+    """Rotary inverse frequencies 1 / theta^(2i/d), as 4.x's "default" entry
+    computed them: (inv_freq, attention scaling 1.0)."""
+    head_dim = (getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads)
+    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    base = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (base ** exponent), 1.0
+
+
+def finish_shipped_model(model):
+    """After loading: no buffer that 5.x left uninitialised reaches training,
+    and save_pretrained copies the model's code into every checkpoint."""
+    bad = uninitialised_buffers(model)
+    if bad:
+        # 5.x builds models on the meta device, fills non-persistent buffers
+        # with torch.empty and relies on _init_weights to set them; 4.x code
+        # computed them in __init__ and its _init_weights may not know them.
+        if hasattr(model, "reset_rope_parameters"):
+            model.reset_rope_parameters()
+        for name in bad:
+            module = model.get_submodule(name.rpartition(".")[0])
+            if hasattr(module, "reset_parameters") and not list(module.parameters(recurse=False)):
+                module.reset_parameters()
+        still = uninitialised_buffers(model)
+        if still:
+            raise ValueError(f"buffer {still[0]} was left uninitialised by transformers 5.x "
+                             "and the model has no reset_parameters() to compute it")
+    cls = type(model)
+    if cls._auto_class is None:
+        # The code registered the class with an auto class itself, so
+        # from_pretrained did not, and save_pretrained would not copy the code.
+        auto = [a for a, ref in getattr(model.config, "auto_map", {}).items()
+                if a.startswith("AutoModel") and ref.endswith("." + cls.__name__)]
+        if auto:
+            cls.register_for_auto_class(auto[0])
+
+
+def uninitialised_buffers(model):
+    """Non-persistent float buffers holding what uninitialised memory would:
+    non-finite values, or rotary inverse frequencies that are not decreasing
+    values in (0, 1]."""
+    bad = []
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if (name not in module._non_persistent_buffers_set or buffer is None
+                    or not buffer.is_floating_point()):
+                continue
+            fine = bool(torch.isfinite(buffer).all())
+            if fine and "inv_freq" in name:
+                fine = bool((buffer > 0).all() and (buffer <= 1).all()
+                            and (buffer.flatten().diff() <= 0).all())
+            if not fine:
+                bad.append(f"{module_name}.{name}" if module_name else name)
+    return bad
 
 
 if __name__ == "__main__":

@@ -233,17 +233,53 @@ def predicts_shifted(model):
 
 
 def padding_inputs(model, attention_mask):
-    """What makes a left-padded sequence read like the unpadded one, for the
-    arguments the model's forward takes: an attention mask that hides the
-    padding, and positions that count from each row's first real token.
-    A model that takes neither sees the padding (see the README)."""
+    """What makes a left-padded sequence read like the unpadded one: a mask
+    that hides the padding from attention, and positions that count from each
+    row's first real token (where the forward takes position_ids).
+
+    The mask's form is the model's `padding_mask_form` attribute, found by
+    find_padding_mask: "2d" (B, T), the transformers convention; "4d"
+    (B, 1, T, T) booleans, for code that takes only those (Dream); "none" for
+    a model that cannot hide padding (LLaDA ignores its attention_mask): it
+    then reads the padding as tokens, as its own batched sampling does. A
+    model without the attribute gets a 2-D mask if its forward names one.
+    """
     takes = inspect.signature(model.forward).parameters
+    form = getattr(model, "padding_mask_form", "2d" if "attention_mask" in takes else "none")
     extra = {}
-    if "attention_mask" in takes:
+    if form == "2d":
         extra["attention_mask"] = attention_mask.long()                          # (B, T)
-    if "position_ids" in takes:
+    elif form == "4d":  # row i of (T, T) is what position i may attend to
+        T = attention_mask.shape[1]
+        extra["attention_mask"] = attention_mask[:, None, None, :].expand(-1, 1, T, T)
+    if form != "none" and "position_ids" in takes:
         extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return extra
+
+
+@torch.no_grad()
+def find_padding_mask(model, pad_ids, token_id):
+    """Set and return model.padding_mask_form: the first of "2d", "4d" that the
+    forward accepts and that hides padding, else "none".
+
+    The test: two rows that differ only in their padding token (pad_ids, two
+    distinct ids), followed by the same real tokens; the mask hides the
+    padding if the real tokens' logits come out the same.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad_ids[0]] + [token_id] * 3, [pad_ids[1]] + [token_id] * 3],
+                       device=device)
+    real = torch.tensor([[False, True, True, True]] * 2, device=device)
+    for form in ("2d", "4d"):
+        model.padding_mask_form = form
+        try:
+            logits = model(input_ids=ids, **padding_inputs(model, real)).logits.float()
+        except (TypeError, ValueError, RuntimeError):  # the forward refuses this form
+            continue
+        if torch.allclose(logits[0, 1:], logits[1, 1:], rtol=1e-4, atol=1e-5):
+            return form
+    model.padding_mask_form = "none"
+    return "none"
 
 
 def with_response(prompt_mask, length):

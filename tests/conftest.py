@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+# model code shipped with test checkpoints is copied and imported from here
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="bgpo-test-modules-"))
 
 import toy_dllm  # noqa: E402
 

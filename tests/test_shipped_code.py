@@ -1,0 +1,164 @@
+"""Diffusion LMs whose code ships with the checkpoint, written for
+transformers 4.x (LLaDA, Dream): stand-ins with their traits (tests/remote_code)
+load, train, compare, save and resume through --model --trust-remote-code."""
+import json
+import uuid
+
+import pytest
+import torch
+
+import bgpo
+import toy_dllm
+from conftest import tiny_model
+from standins import DREAM, LLADA, make_standin
+from test_rl import read_metrics, run
+
+TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2", "--test-size", "20"]
+MASK_ID = {"llada_like": 13, "dream_like": None}  # LLaDA's tokenizer names no mask token
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standins")
+    for kind in (LLADA, DREAM):
+        make_standin(kind, root / kind["code"])
+    return root
+
+
+def flags(standins, code):
+    mask = ["--mask-id", str(MASK_ID[code])] if MASK_ID[code] is not None else []
+    return ["--model", str(standins / code), "--trust-remote-code"] + mask
+
+
+def load(standins, code):
+    cfg, _ = bgpo.parse_args(bgpo.build_parser(), flags(standins, code) + TINY)
+    return bgpo.load_policy(cfg, bgpo.build_parser(), torch.device("cpu"))
+
+
+def test_standins_fail_to_load_without_the_compatibility_step(tmp_path, monkeypatch):
+    """The stand-ins have the traits that break 4.x code under 5.x (fresh code,
+    so that no class adjusted by another test is reused)."""
+    monkeypatch.setattr(bgpo, "adapt_shipped_code", lambda config, path: None)
+    for kind, error in ((LLADA, "all_tied_weights_keys"), (DREAM, "default")):
+        path = tmp_path / kind["code"]
+        make_standin(kind, path)
+        for py in path.glob("*.py"):  # new file contents: transformers imports them anew
+            py.write_text(py.read_text() + f"# {uuid.uuid4()}\n")
+        with pytest.raises(Exception, match=error):
+            bgpo.load_checkpoint(str(path), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("code", ["llada_like", "dream_like"])
+def test_standin_trains_compares_saves_and_resumes(standins, code, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, err = run(flags(standins, code) + TINY + ["--save-every", "1", "--out", str(out)],
+                      capsys)
+    assert status == 0, err
+    saved = out / "checkpoint-2"
+    assert list(saved.glob(f"modeling_{code}.py")) and list(saved.glob("configuration_*.py"))
+    status, err = run(["--resume", str(out), "--steps", "3", "--trust-remote-code"], capsys)
+    assert status == 0, err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert bgpo.main(["--model", str(out / "model"), "--trust-remote-code", "--compare",
+                      "--samples", "1,2", "--prompts", "2", "--group", "2", "--test-size", "20",
+                      "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["method"], r["samples"]) for r in rows} == {
+        (m, n) for m in ("naive", "two_pass", "bgpo") for n in (1, 2)}
+
+
+@pytest.mark.parametrize("code", ["llada_like", "dream_like"])
+def test_objectives_agree_on_standins(standins, code):
+    """BGPO and two_pass give naive's gradient on-policy, the bound holds
+    off-policy: on each architecture as loaded (Dream's read shifted)."""
+    policy = load(standins, code)
+    model = policy.model.double()
+    g = torch.Generator().manual_seed(0)
+    prompts = toy_dllm.encode_prompts(policy.tokenizer, policy.task.prompts(policy.task.test[:6]))
+    responses = torch.randint(10, (6, policy.response_length), generator=g)   # digit tokens
+    advantages = torch.linspace(-1.5, 1, 6, dtype=torch.float64)
+    masks, weights = bgpo.sample_masks(responses, 4, g)
+    with torch.no_grad():
+        old = bgpo.elbo_terms(model, prompts, responses, masks, weights, policy.mask_id)
+
+    def grad(method):
+        model.zero_grad(set_to_none=True)
+        value = bgpo.policy_loss_backward(model, prompts, responses, advantages, masks, weights,
+                                          old, policy.mask_id, method=method)
+        return value, bgpo.flat_grad(model).clone()
+    v_naive, g_naive = grad("naive")
+    assert g_naive.abs().max() > 0
+    for method in ("bgpo", "two_pass"):
+        v, g_method = grad(method)
+        assert v == pytest.approx(v_naive, rel=1e-9)
+        assert torch.allclose(g_method, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
+    bgpo.perturb_weights(model, 0.05, seed=1)
+    with torch.no_grad():
+        terms = bgpo.elbo_terms(model, prompts, responses, masks, weights, policy.mask_id)
+    naive = bgpo.naive_objective(terms, old, advantages)
+    bound = sum(bgpo.bgpo_sample_objective(terms[j], old[j], advantages, len(masks))
+                for j in range(len(masks)))
+    assert (bound <= naive + 1e-12).all() and (bound < naive - 1e-9).any()
+
+
+def test_shifted_standin_is_read_one_position_earlier(standins):
+    policy = load(standins, "dream_like")
+    assert toy_dllm.predicts_shifted(policy.model)
+    assert not toy_dllm.predicts_shifted(load(standins, "llada_like").model)
+    prompts = toy_dllm.encode_prompts(policy.tokenizer, ["12+34=", "56+78="])   # (2, 6)
+    responses = torch.tensor([[0, 4, 6, 12], [1, 3, 4, 12]])
+    mask = torch.tensor([[True, False, True, True], [True, True, False, False]])
+    got = toy_dllm.token_log_probs(policy.model, prompts, responses, mask, policy.mask_id)
+    noisy = torch.cat([prompts, torch.where(mask, policy.mask_id, responses)], 1)
+    with torch.no_grad():
+        logp = policy.model(input_ids=noisy).logits.log_softmax(-1)
+    at_previous = logp[torch.arange(2)[:, None], torch.arange(5, 9), responses]
+    assert torch.allclose(got, at_previous, atol=1e-6)
+    assert not torch.allclose(got, logp[torch.arange(2)[:, None], torch.arange(6, 10), responses],
+                              atol=1e-3)
+
+
+def test_uninitialised_rotary_buffer_is_recomputed_or_refused(standins, tokenizer):
+    model, _ = bgpo.load_checkpoint(str(standins / "dream_like"), trust_remote_code=True)
+    rotary = model.model.rotary_emb
+    expected, _ = bgpo.default_rope_parameters(model.config)
+    assert torch.equal(rotary.inv_freq, expected)
+    for garbage in (torch.zeros_like(expected), torch.full_like(expected, -1.9e-30),
+                    torch.full_like(expected, float("nan")), expected.flip(0)):
+        rotary.inv_freq.copy_(garbage)           # what torch.empty may hold
+        assert bgpo.uninitialised_buffers(model) == ["model.rotary_emb.inv_freq"]
+        bgpo.finish_shipped_model(model)
+        assert torch.equal(rotary.inv_freq, expected)
+    bert = tiny_model(tokenizer)                  # a buffer with no way to compute it again
+    bert.bert.embeddings.register_buffer("inv_freq", torch.full((4,), float("nan")),
+                                         persistent=False)
+    with pytest.raises(ValueError, match="bert.embeddings.inv_freq"):
+        bgpo.finish_shipped_model(bert)
+
+
+def test_saved_checkpoint_carries_code_of_a_class_registered_by_its_module(standins, tmp_path):
+    model, _ = bgpo.load_checkpoint(str(standins / "llada_like"), trust_remote_code=True)
+    type(model)._auto_class = None  # as when the code's own AutoModel.register came first
+    bgpo.finish_shipped_model(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "modeling_llada_like.py").exists()
+
+
+def test_padding_is_hidden_in_the_form_each_model_takes(standins, tokenizer):
+    """BERT takes a 2-D mask, the Dream stand-in a 4-D one (a 2-D one raises),
+    the LLaDA stand-in ignores any: it reads the padding as tokens."""
+    bert = tiny_model(tokenizer, dtype=torch.float64)
+    assert toy_dllm.find_padding_mask(bert, (12, 11), 13) == "2d"
+    forms = {}
+    for code in ("dream_like", "llada_like"):
+        policy = load(standins, code)
+        model, end = policy.model.double(), toy_dllm.end_token_id(policy.tokenizer)
+        forms[code] = model.padding_mask_form
+        short = toy_dllm.encode_prompts(policy.tokenizer, ["2+3="])                 # (1, 4)
+        padded = torch.cat([torch.full((1, 2), end), short], 1)                     # (1, 6)
+        real = torch.tensor([[False, False, True, True, True, True]])
+        responses, mask = torch.tensor([[5, 12, 12]]), torch.tensor([[True, True, False]])
+        lp = lambda p, m: toy_dllm.token_log_probs(model, p, responses, mask, policy.mask_id, m)
+        same = torch.allclose(lp(padded, real), lp(short, None), rtol=1e-10)
+        assert same == (forms[code] != "none")
+    assert forms == {"dream_like": "4d", "llada_like": "none"}
