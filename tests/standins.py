@@ -15,26 +15,32 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 CODE = Path(__file__).parent / "remote_code"
 CHARS = list("0123456789+=")
 
-LLADA = dict(
+LLADA = dict(  # a mask id past the tokenizer's tokens, which name no mask (LLaDA: 126336)
     code="llada_like", config="configuration_llada_like.LladaLikeConfig",
     model="modeling_llada_like.LladaLikeModelLM", auto="AutoModel",
-    specials=["<|endoftext|>", "<|mdm_mask|>"], mask_token=None,   # LLaDA: --mask-id 126336
-    config_kwargs=dict(use_cache=False, max_sequence_length=64))
+    specials={"<|endoftext|>": 12, "<|mdm_mask|>": 15}, mask_token=None,
+    config_kwargs=dict(use_cache=False, max_sequence_length=64, vocab_size=16))
+# LLaDA's own vocabulary size and special ids, for trying the README's command
+# (slower: its 126464-way output layer dominates)
+LLADA_FULL_VOCAB = dict(LLADA, specials={"<|endoftext|>": 126081, "<|mdm_mask|>": 126336},
+                        config_kwargs=dict(LLADA["config_kwargs"], vocab_size=126464))
 DREAM = dict(
     code="dream_like", config="configuration_dream_like.DreamLikeConfig",
     model="modeling_dream_like.DreamLikeModel", auto="AutoModel",
-    specials=["<|endoftext|>", "<|mask|>"], mask_token="<|mask|>",
-    config_kwargs=dict(max_position_embeddings=64),
+    specials={"<|endoftext|>": 12, "<|mask|>": 13}, mask_token="<|mask|>",
+    config_kwargs=dict(max_position_embeddings=64, vocab_size=16),
     generation_config=dict(steps=8, alg="origin", temperature=0.0))
 
 
 def tokenizer_files(path, specials, mask_token):
-    vocab = {t: i for i, t in enumerate(CHARS + specials)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    """One token per character of the task, and the special tokens at their ids."""
+    end = next(iter(specials))
+    vocab = {**{t: i for i, t in enumerate(CHARS)}, **specials}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=end))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0],
-                                        pad_token=specials[0], mask_token=mask_token)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=end, pad_token=end,
+                                        mask_token=mask_token)
     tokenizer.save_pretrained(path)
     return tokenizer
 
@@ -65,7 +71,7 @@ def make_standin(kind, path, seed=0):
     tokenizer = tokenizer_files(path, kind["specials"], kind["mask_token"])
     config_cls = get_class_from_dynamic_module(kind["config"], build)
     model_cls = get_class_from_dynamic_module(kind["model"], build)
-    config = config_cls(vocab_size=len(tokenizer) + 2, **kind["config_kwargs"])
+    config = config_cls(**kind["config_kwargs"])
     torch.manual_seed(seed)
     with rope_default_of_transformers_4():
         model = model_cls(config)

@@ -14,7 +14,7 @@ from standins import DREAM, LLADA, make_standin
 from test_rl import read_metrics, run
 
 TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2", "--test-size", "20"]
-MASK_ID = {"llada_like": 13, "dream_like": None}  # LLaDA's tokenizer names no mask token
+MASK_ID = {"llada_like": 15, "dream_like": None}  # LLaDA's tokenizer names no mask token
 
 
 @pytest.fixture(scope="module")
