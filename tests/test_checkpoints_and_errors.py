@@ -1,6 +1,7 @@
 """Real transformers checkpoints, resumable runs, skipped non-finite steps and
 one-line errors for everything a user can get wrong."""
 import json
+import os
 import subprocess
 import sys
 
@@ -216,12 +217,28 @@ def test_skipped_update_leaves_weights_and_optimizer_untouched(warm, monkeypatch
     assert not optimizer.state
 
 
-def test_command_line_error_has_no_traceback(tmp_path):
+@pytest.fixture(scope="module")
+def real_processes(warm, tmp_path_factory):
+    """`python bgpo.py` as a user runs it, two at once (most of their time is
+    Python importing torch and transformers): a command-line error, and
+    `python bgpo.py --compare ... | head -1`, whose reader goes away early."""
+    cwd = os.path.dirname(bgpo.__file__)
+    missing = tmp_path_factory.mktemp("cli") / "missing"
+    error = subprocess.Popen([sys.executable, "bgpo.py", "--model", str(missing)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    piped = subprocess.Popen([sys.executable, "bgpo.py", "--compare", "--samples", "1,2",
+                              "--prompts", "2", "--group", "2", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    piped.stdout.close()  # nobody reads what it prints
+    return {"error": error, "piped": piped}
+
+
+def test_command_line_error_has_no_traceback(real_processes):
     """The real process: one line on stderr, exit status 2."""
-    proc = subprocess.run([sys.executable, "bgpo.py", "--model", str(tmp_path / "missing")],
-                          capture_output=True, text=True, cwd=bgpo.os.path.dirname(bgpo.__file__))
+    proc = real_processes["error"]
+    _, stderr = proc.communicate()
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
 def test_resume_on_another_kind_of_device_is_refused(saved_run, tmp_path, capsys):
@@ -236,15 +253,8 @@ def test_resume_on_another_kind_of_device_is_refused(saved_run, tmp_path, capsys
     assert (out / "run.json").read_text() == before
 
 
-def test_output_piped_into_head_ends_without_traceback(warm):
-    """`python bgpo.py --compare ... | head -1`: the reader goes away early."""
-    import os
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "bgpo.py", "--compare", "--samples", "1,2",
-                             "--prompts", "2", "--group", "2", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            cwd=os.path.dirname(bgpo.__file__))
-    proc.stdout.close()  # nobody reads what it prints
+def test_output_piped_into_head_ends_without_traceback(real_processes):
+    proc = real_processes["piped"]
     err = proc.stderr.read().decode()
     proc.wait()
     assert "Traceback" not in err
