@@ -94,6 +94,12 @@ class Config:
     response_length: int = None    # response tokens; None: the answer (+ 1 with --model)
     digits: int = 2                # operand digits of the task
     test_size: int = 1000          # test problems
+    # memory levers for a real diffusion LM
+    lora_rank: int = None          # train LoRA adapters of this rank (peft), not the weights
+    lora_alpha: float = None       # LoRA's alpha (update scale alpha / rank); None: the rank
+    lora_targets: str = None       # modules given adapters, comma-separated; None: every
+                                   # linear layer but the output head (peft's "all-linear")
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward
 
 # -----------------------------------------------------------------------------
 # 1. Rewards -> group-relative advantages
@@ -383,6 +389,7 @@ class Policy:
     mask_id: int
     response_length: int
     device: torch.device
+    lora_base: str = None  # with LoRA adapters: the checkpoint they adapt (None: the toy)
 
 
 @dataclass
@@ -428,8 +435,9 @@ def train(policy, cfg, out=None, resume_state=None):
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)                       # prompts, masks
     sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)  # rollouts
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr)
-    policy.model.eval()  # no dropout: old and new policy must see the same network
+    trained = [p for p in policy.model.parameters() if p.requires_grad]  # LoRA: adapters only
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
+    eval_mode(policy.model)  # no dropout: old and new policy must see the same network
     state = start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state)
     first = state["step"] + 1
     bar = tqdm(range(first, cfg.steps + 1), initial=state["step"], total=cfg.steps,
@@ -584,8 +592,11 @@ def save_model(policy, path):
     if generation is not None and not os.path.exists(os.path.join(path, "generation_config.json")):
         generation.save_pretrained(path)  # Dream's from_pretrained reads it back
     policy.tokenizer.save_pretrained(path)
-    toy_dllm.write_atomic(os.path.join(path, SAVED_SETTINGS), json.dumps(dict(
-        response_length=policy.response_length, mask_id=policy.mask_id), indent=1) + "\n")
+    settings = dict(response_length=policy.response_length, mask_id=policy.mask_id)
+    if hasattr(policy.model, "peft_config"):  # peft saved the adapters only
+        settings["lora_base"] = policy.lora_base
+    toy_dllm.write_atomic(os.path.join(path, SAVED_SETTINGS),
+                          json.dumps(settings, indent=1) + "\n")
 
 
 def save_checkpoint(out, policy, optimizer, state):
@@ -759,20 +770,26 @@ def compare(policy, cfg, sample_counts, repeats=2):
             perturb_weights(model, cfg.perturb, cfg.seed)
         reference = None
         for method in ("naive", "two_pass", "bgpo"):
-            times = []
-            for _ in range(repeats):  # the fastest of `repeats` calls; memory is the same each time
+            def call():
                 model.zero_grad(set_to_none=True)
-                loss, nbytes, seconds, cuda_peak = measure(lambda: policy_loss_backward(
+                return measure(lambda: policy_loss_backward(
                     model, batch.prompts, batch.responses, batch.advantages, masks, weights,
                     old_terms, policy.mask_id, method=method, clip=cfg.clip,
                     prompt_mask=batch.prompt_mask), model, policy.device)
-                times.append(seconds)
+            # the fastest of `repeats` calls; memory is the same each time
+            runs = [call() for _ in range(repeats)]
+            loss, nbytes, _, cuda_peak = runs[-1]
             grad = flat_grad(model)
             reference = grad if reference is None else reference
-            rows.append(dict(method=method, samples=n, objective=-loss,
-                             grad_max_abs_diff=(grad - reference).abs().max().item(),
-                             peak_activation_bytes=nbytes, seconds=min(times),
-                             cuda_peak_bytes=cuda_peak))
+            row = dict(method=method, samples=n, objective=-loss,
+                       grad_max_abs_diff=(grad - reference).abs().max().item(),
+                       peak_activation_bytes=nbytes, seconds=min(r[2] for r in runs),
+                       cuda_peak_bytes=cuda_peak)
+            if cfg.gradient_checkpointing:  # the same call with each layer checkpointed
+                set_checkpointing(model, True)
+                _, row["checkpointed_activation_bytes"], _, row["checkpointed_cuda_peak_bytes"] = call()
+                set_checkpointing(model, False)
+            rows.append(row)
         if cfg.perturb > 0:
             model.load_state_dict(original)
     model.zero_grad(set_to_none=True)
@@ -941,9 +958,17 @@ def format_table(rows):
                  f"{r['peak_activation_bytes'] / 2**20:.2f}", f"{1000 * r['seconds']:.0f}",
                  f"{r['seconds'] / naive_seconds[r['samples']]:.2f}"]
                 + ([f"{r['cuda_peak_bytes'] / 2**20:.1f}"] if r["cuda_peak_bytes"] is not None else [])
+                + ([f"{r['checkpointed_activation_bytes'] / 2**20:.2f}"]
+                   if "checkpointed_activation_bytes" in r else [])
+                + ([f"{r['checkpointed_cuda_peak_bytes'] / 2**20:.1f}"]
+                   if r.get("checkpointed_cuda_peak_bytes") is not None else [])
                 for r in rows]
         if rows[0]["cuda_peak_bytes"] is not None:
             head.append("CUDA peak MB")
+        if "checkpointed_activation_bytes" in rows[0]:
+            head.append("act. MB ckpt")
+        if rows[0].get("checkpointed_cuda_peak_bytes") is not None:
+            head.append("CUDA peak MB ckpt")
     else:
         head = ["scheme", "n_t", "rel. std", "rel. bias", "bias floor", "rel. error"]
         body = [[r["scheme"], r["samples"], f"{r['rel_std']:.3f}", f"{r['rel_bias']:.3f}",
@@ -1042,6 +1067,15 @@ def build_parser():
       help="response tokens with --model (default: the longest answer + 1)")
     a("--digits", type=_number(int, 2, 9), help="operand digits of the task")
     a("--test-size", type=_number(int, 1), help="test problems")
+    a("--lora-rank", type=_number(int, 1), metavar="R",
+      help="train LoRA adapters of rank R (peft) instead of all weights")
+    a("--lora-alpha", type=_number(float, 0, low_open=True),
+      help="LoRA alpha: adapter updates are scaled by alpha / R (default: R)")
+    a("--lora-targets", metavar="NAME[,NAME...]",
+      help="modules that get adapters (default: every linear layer but the output head)")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute each layer's activations in backward (transformers' checkpointing); "
+           "with --compare: a column with it")
     p.set_defaults(**dataclasses.asdict(Config()))  # the defaults live in Config
     return p
 
@@ -1109,6 +1143,8 @@ def check_flags(cfg, parser):
                          f"--prompts {cfg.prompts}")
         if cfg.save_every and not cfg.out:
             parser.error("--save-every needs --out")
+    if cfg.lora_rank is None and (cfg.lora_alpha is not None or cfg.lora_targets):
+        parser.error("--lora-alpha and --lora-targets need --lora-rank")
 
 
 def resolve_device(name, parser):
@@ -1189,7 +1225,65 @@ def load_policy(cfg, parser, device, checkpoint=None):
     model = model.to(device).eval()
     if path is not None:
         check_padding(model, tokenizer, task, mask_id, vocab, path)
-    return Policy(model, tokenizer, task, mask_id, length, device)
+    lora_base = saved.get("lora_base") if hasattr(model, "peft_config") else None
+    if cfg.lora_rank:
+        model, lora_base = add_lora(model, cfg, parser, path, lora_base)
+    if cfg.gradient_checkpointing and not cfg.compare:  # --compare measures with and without
+        set_checkpointing(model, True, parser)
+    return Policy(model, tokenizer, task, mask_id, length, device, lora_base)
+
+
+def add_lora(model, cfg, parser, path, lora_base):
+    """peft LoRA adapters of rank cfg.lora_rank on every target module: only
+    they train. A model loaded with its adapters (a LoRA checkpoint) keeps
+    them. Returns (the model, the checkpoint the adapters adapt or None)."""
+    if hasattr(model, "peft_config"):
+        rank = model.peft_config["default"].r
+        if rank != cfg.lora_rank:
+            parser.error(f"--lora-rank {cfg.lora_rank}: {path} holds adapters of rank {rank}")
+        return model, lora_base
+    import peft  # only here: importing it takes seconds
+    targets = cfg.lora_targets.split(",") if cfg.lora_targets else "all-linear"
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                             lora_dropout=0.0, target_modules=targets)
+    torch.manual_seed(cfg.seed)  # the adapters' random initialisation
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:
+        parser.error(f"--lora-targets {cfg.lora_targets}: {first_line(e)}")
+    local = path is not None and os.path.exists(path)
+    return model, os.path.abspath(path) if local else path
+
+
+def set_checkpointing(model, on, parser=None):
+    """transformers' activation checkpointing on or off: each layer keeps only
+    its input and recomputes the rest in backward. See eval_mode."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        if on:
+            base.activation_checkpointing_enable()
+        else:
+            base.activation_checkpointing_disable()
+    except ValueError as e:  # "... does not support activation checkpointing"
+        if parser is None:
+            raise
+        parser.error(f"--gradient-checkpointing: {first_line(e)}")
+    eval_mode(model)
+
+
+def eval_mode(model):
+    """model.eval(): no dropout, so old and new policy are the same network.
+    transformers checkpoints a layer only in training mode, so layers set to
+    checkpoint are put back in it: the layer alone, not its dropout, so the
+    network computes the same function."""
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", None) is True:
+            module.training = True
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_padding(model, tokenizer, task, mask_id, vocab, path):
@@ -1232,6 +1326,8 @@ def load_model_and_task(cfg, parser, path, source):
         task = toy_dllm.make_task(cfg.digits, cfg.test_size)
     except ValueError as e:
         parser.error(str(e))
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # LoRA adapters, see add_lora
+        return load_adapters(cfg, parser, path, source)
     looks_like_hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not os.path.exists(path) and not looks_like_hub_name:
         parser.error(f"{source}: no such file or directory")
@@ -1240,8 +1336,21 @@ def load_model_and_task(cfg, parser, path, source):
             warnings.simplefilter("ignore")
             model, tokenizer = load_checkpoint(path, cfg.trust_remote_code)
     except Exception as e:  # transformers raises many kinds; all mean "unusable"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        parser.error(f"{source}: cannot load a masked LM and tokenizer ({reason})")
+        parser.error(f"{source}: cannot load a masked LM and tokenizer ({first_line(e)})")
+    return model, tokenizer, task
+
+
+def load_adapters(cfg, parser, path, source):
+    """A LoRA checkpoint: its base model (bgpo.json's lora_base; None: the
+    toy), with the saved adapters on it, trainable."""
+    base = saved_settings(path).get("lora_base")
+    model, tokenizer, task = load_model_and_task(
+        cfg, parser, base, f"{source} (base model {base})" if base else source)
+    import peft
+    try:
+        model = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
+    except Exception as e:  # a damaged or foreign adapter: many kinds
+        parser.error(f"{source}: cannot load its LoRA adapters ({first_line(e)})")
     return model, tokenizer, task
 
 
@@ -1262,9 +1371,8 @@ def load_resume_state(cfg, checkpoint, device, parser):
     except ValueError as e:
         parser.error(f"--resume {cfg.resume}: {e}")
     except Exception as e:  # truncated or foreign file: torch raises many kinds
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         parser.error(f"--resume {cfg.resume}: cannot read "
-                     f"{os.path.basename(checkpoint)}/trainer_state.pt ({reason})")
+                     f"{os.path.basename(checkpoint)}/trainer_state.pt ({first_line(e)})")
 
 
 def prepare_out(out, parser, resuming):

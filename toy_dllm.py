@@ -244,7 +244,8 @@ def padding_inputs(model, attention_mask):
     then reads the padding as tokens, as its own batched sampling does. A
     model without the attribute gets a 2-D mask if its forward names one.
     """
-    takes = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    takes = inspect.signature(base.forward).parameters
     form = getattr(model, "padding_mask_form", "2d" if "attention_mask" in takes else "none")
     extra = {}
     if form == "2d":

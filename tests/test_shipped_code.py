@@ -162,3 +162,9 @@ def test_padding_is_hidden_in_the_form_each_model_takes(standins, tokenizer):
         same = torch.allclose(lp(padded, real), lp(short, None), rtol=1e-10)
         assert same == (forms[code] != "none")
     assert forms == {"dream_like": "4d", "llada_like": "none"}
+
+
+def test_gradient_checkpointing_refused_by_a_model_is_a_one_line_error(standins, capsys):
+    status, err = run(flags(standins, "llada_like") + TINY + ["--gradient-checkpointing"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "--gradient-checkpointing" in err and "does not support" in err

@@ -1,0 +1,121 @@
+"""Memory levers for a real diffusion LM: LoRA adapters (peft) and activation
+checkpointing (transformers), on the toy and tiny models."""
+import json
+import shutil
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bgpo
+from conftest import random_batch, tiny_model
+from test_checkpoints_and_errors import assert_clean_error, saved_run  # noqa: F401 (fixture)
+from test_rl import SMALL, read_metrics, run, toy_policy
+
+MASK = 13
+
+
+def with_lora(model, seed=0):
+    """model with rank-4 adapters whose B is random too (peft starts B at 0,
+    which would leave A without gradient)."""
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4,
+                                                       target_modules="all-linear"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def test_objectives_agree_on_a_lora_model_and_only_adapters_get_gradients(tokenizer):
+    model = with_lora(tiny_model(tokenizer, dtype=torch.float64))
+    prompts, responses = random_batch(8, 6, 4)
+    advantages = torch.linspace(-1.5, 1, 8, dtype=torch.float64)
+    masks, weights = bgpo.sample_masks(responses, 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        old = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
+
+    def grad(method):
+        model.zero_grad(set_to_none=True)
+        bgpo.policy_loss_backward(model, prompts, responses, advantages, masks, weights, old,
+                                  MASK, method=method)
+        assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters())
+        return bgpo.flat_grad(model).clone()
+    naive = grad("naive")
+    assert naive.abs().max() > 0
+    for method in ("bgpo", "two_pass"):
+        assert torch.allclose(grad(method), naive, rtol=1e-9, atol=1e-12 * naive.abs().max())
+    bgpo.perturb_weights(model, 0.05, seed=1)
+    with torch.no_grad():
+        terms = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
+    bound = sum(bgpo.bgpo_sample_objective(terms[j], old[j], advantages, 4) for j in range(4))
+    naive_value = bgpo.naive_objective(terms, old, advantages)
+    assert (bound <= naive_value + 1e-12).all() and (bound < naive_value - 1e-9).any()
+
+
+def test_lora_on_a_saved_toy_model_trains_adapters_only_and_resumes_exactly(saved_run, tmp_path,
+                                                                            capsys):
+    base = saved_run / "model"
+    args = ["--model", str(base), "--lora-rank", "4", "--lr", "1e-3", "--steps", "3",
+            "--prompts", "4", "--group", "4", "--samples", "2", "--save-every", "2"]
+    for name, elsewhere in (("whole", 1), ("again", 2)):  # adapters start from --seed alone
+        torch.manual_seed(elsewhere)
+        assert run(args + ["--out", str(tmp_path / name)], capsys)[0] == 0
+    adapters = [load_file(tmp_path / name / "model" / "adapter_model.safetensors")
+                for name in ("whole", "again")]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    saved = tmp_path / "whole" / "model"
+    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+    assert json.load(open(saved / "bgpo.json"))["lora_base"] == str(base.resolve())
+    cfg, _ = bgpo.parse_args(bgpo.build_parser(), ["--model", str(saved)])
+    policy = bgpo.load_policy(cfg, bgpo.build_parser(), torch.device("cpu"))
+    original = bgpo.load_policy(*bgpo.parse_args(bgpo.build_parser(), ["--model", str(base)])[:1],
+                                bgpo.build_parser(), torch.device("cpu")).model.state_dict()
+    trained = policy.model.get_base_model().state_dict()
+    lora = {k for k in trained if "lora_" in k}
+    assert lora and all(torch.equal(trained[k].cpu(), original[k.replace(".base_layer", "")])
+                        for k in trained if k not in lora)         # the base did not move
+    assert any(trained[k].abs().max() > 0 for k in lora if "lora_B" in k)  # the adapters did
+
+    cut = tmp_path / "cut"  # the same run, resumed from its checkpoint at step 2
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "model")
+    status, err = run(["--resume", str(cut)], capsys)
+    assert status == 0, err
+    assert read_metrics(cut) == read_metrics(tmp_path / "whole")
+
+
+def test_gradient_checkpointing_keeps_the_gradient_and_cuts_activations(warm):
+    policy = toy_policy(warm)
+    cfg = bgpo.Config(prompts=2, group=4, gradient_checkpointing=True)
+    rows = bgpo.compare(policy, cfg, [2], repeats=1)
+    for r in rows:
+        assert r["checkpointed_activation_bytes"] < r["peak_activation_bytes"] / 2
+    assert rows[2]["grad_max_abs_diff"] < 1e-6
+    model = policy.model  # the same gradient with checkpointing (float64: to rounding)
+    model.double()
+    batch = bgpo.fixed_batch(policy, cfg)
+    masks, weights, old = bgpo.masks_and_old_terms(policy, batch, 2, "stratified",
+                                                   torch.Generator().manual_seed(0))
+    grads = []
+    for on in (False, True):
+        bgpo.set_checkpointing(model, on)
+        model.zero_grad(set_to_none=True)
+        bgpo.policy_loss_backward(model, batch.prompts, batch.responses, batch.advantages.double(),
+                                  masks, weights, old, policy.mask_id)
+        grads.append(bgpo.flat_grad(model).clone())
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-12, atol=0)
+    assert not model.bert.encoder.layer[0].attention.training  # no dropout came back
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--lora-alpha", "8"], ["--lora-alpha", "--lora-rank"]),
+    (["--lora-targets", "query"], ["--lora-targets", "--lora-rank"]),
+    (["--lora-rank", "0"], ["--lora-rank"]),
+    (["--lora-rank", "2", "--lora-targets", "nosuchlayer"], ["--lora-targets nosuchlayer"]),
+])
+def test_bad_lora_flags_are_one_line_errors(warm, args, words, capsys):
+    status, err = run(SMALL + args, capsys)
+    assert_clean_error(status, err, *words)
