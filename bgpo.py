@@ -100,6 +100,7 @@ class Config:
     lora_targets: str = None       # modules given adapters, comma-separated; None: every
                                    # linear layer but the output head (peft's "all-linear")
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward
+    sync_each_sample: bool = False  # torchrun: reduce gradients after every sample's backward
 
 # -----------------------------------------------------------------------------
 # 1. Rewards -> group-relative advantages
@@ -231,16 +232,22 @@ def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=N
                         for m, w in zip(masks, weights)])
 
 
-def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False):
+def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False,
+                        shard=(0, 1)):
     """Step 3: n_t masks per response, and the old policy's l_j on them.
 
     The old policy is the model as it is now; its terms carry no gradient.
     length_norm divides every l_j by the response length L (the official
     code's per-token ELBO), so d_j and a clip band act per token.
     policy and batch: a Policy and a Rollout (section 4).
+    shard: (rank, world size) under torchrun: the masks are drawn for the
+    world's whole batch, as one process would, and this rank's rows kept.
     Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B).
     """
-    masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
+    rank, size = shard
+    B = batch.responses.shape[0]
+    masks, weights = sample_masks(batch.responses.repeat(size, 1), n_samples, generator, scheme)
+    masks, weights = masks[:, rank * B:(rank + 1) * B], weights[:, rank * B:(rank + 1) * B]
     if length_norm:
         weights = weights / batch.responses.shape[1]
     with torch.no_grad():
@@ -342,6 +349,7 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
         term = _elbo_term(model, prompts, responses, masks[j], weights[j], mask_id,
                           prompt_mask)                                   # (B,), with a graph
         loss_j = -bgpo_sample_objective(term, old_terms[j], advantages, n, clip).mean()
+        sync_gradients(model, last=j == n - 1)                           # torchrun only
         loss_j.backward()                                                # frees sample j's graph
         total += loss_j.item()
     return total
@@ -373,6 +381,7 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
     for j in range(n):
         term = _elbo_term(model, prompts, responses, masks[j], weights[j], mask_id, prompt_mask)
         loss_j = -(coef * term).mean() / n
+        sync_gradients(model, last=j == n - 1)
         loss_j.backward()
     return -objective.mean().item()
 
@@ -432,19 +441,21 @@ def train(policy, cfg, out=None, resume_state=None):
     out/metrics.jsonl atomically); every cfg.save_every steps a checkpoint is
     written; resume_state (from load_trainer_state) continues a run exactly.
     """
+    rank, size = world()  # (0, 1) unless under torchrun (section 10)
     torch.manual_seed(cfg.seed)
-    data_rng = torch.Generator().manual_seed(cfg.seed)                       # prompts, masks
-    sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)  # rollouts
+    data_rng = torch.Generator().manual_seed(cfg.seed)           # prompts, masks: same on all ranks
+    sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed + rank)  # rollouts
     trained = [p for p in policy.model.parameters() if p.requires_grad]  # LoRA: adapters only
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
     eval_mode(policy.model)  # no dropout: old and new policy must see the same network
     state = start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state)
     first = state["step"] + 1
     bar = tqdm(range(first, cfg.steps + 1), initial=state["step"], total=cfg.steps,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=rank != 0)
     for step in bar:
         problems = policy.task.train[
             torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
+        problems = problems.chunk(size)[rank]                         # this rank's prompts
         batch = rollout(policy, problems, cfg, sample_rng)            # 1-2: responses, A
         loss, skipped, peak = rl_step(policy, optimizer, batch, cfg, data_rng,
                                       measure_memory=step == first)  # 3-5: masks, update
@@ -465,13 +476,14 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     """
     model = policy.model
     masks, weights, old_terms = masks_and_old_terms(policy, batch, cfg.samples, cfg.scheme,
-                                                    data_rng, cfg.length_norm)
+                                                    data_rng, cfg.length_norm, world())
     losses, skipped, peak = [], 0, 0
     n_prompts = batch.responses.shape[0] // cfg.group
     for groups in torch.arange(n_prompts).chunk(cfg.updates_per_batch):
         rows = (groups[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # whole groups
         rows = rows.to(policy.device)
         optimizer.zero_grad(set_to_none=True)
+        measure_memory = measure_memory and world()[1] == 1  # FSDP2's gathered weights would count
         meter = activation_meter(model) if measure_memory else contextlib.nullcontext()
         with meter:
             loss = policy_loss_backward(
@@ -483,7 +495,10 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
         # the norm of all gradients together, before clipping: nan or inf if any is
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.max_grad_norm or math.inf)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a distributed tensor
+            grad_norm = grad_norm.full_tensor()
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if global_mean(float(finite)) < 1:  # every rank skips, or none
             warnings.warn(f"non-finite loss ({loss}) or gradient: update skipped")
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -495,11 +510,21 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
 
 
 def evaluate_policy(policy, cfg, n_failures=0):
-    """Greedy exact-match accuracy on the task's test problems, and failures."""
-    return toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task, policy.task.test,
-                             mask_id=policy.mask_id, length=policy.response_length,
-                             n_failures=n_failures, block_length=cfg.block_length,
-                             steps=cfg.sampler_steps)
+    """Greedy exact-match accuracy on the task's test problems, and failures.
+    Under torchrun each rank takes every W-th problem, in as many batches as
+    the others (FSDP2's forward passes are collective), and the counts add up."""
+    rank, size = world()
+    test = policy.task.test
+    share = test[rank::size]
+    widest = -(-len(test) // size)
+    batches = -(-widest // 1000)
+    acc, failures = toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task, share,
+                                      mask_id=policy.mask_id, length=policy.response_length,
+                                      batch_size=-(-widest // batches), n_failures=n_failures,
+                                      block_length=cfg.block_length, steps=cfg.sampler_steps)
+    if size == 1:
+        return acc, failures
+    return global_mean(acc * len(share)) * size / len(test), failures
 
 
 RUN_TIME_ONLY = ("last_acc", "last_eval", "started")  # state that checkpoints leave out
@@ -507,19 +532,24 @@ RUN_TIME_ONLY = ("last_acc", "last_eval", "started")  # state that checkpoints l
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     """The loop's state: fresh (with the accuracy before RL), or as saved."""
+    rank, size = world()
     if resume_state is None:
         acc_before, failures = evaluate_policy(policy, cfg, n_failures=3)
-        print("\n".join(failures))
-        print(f"greedy test accuracy before RL: {acc_before:.1%}")
+        say("\n".join(failures))
+        say(f"greedy test accuracy before RL: {acc_before:.1%}")
         return dict(step=0, acc_before=acc_before, seconds=0.0, peak_activation_bytes=0,
                     skipped_updates=0, metrics=[], device_type=policy.device.type,
-                    last_acc=acc_before, last_eval=None, started=time.time())
+                    world_size=size, last_acc=acc_before, last_eval=None, started=time.time())
     state = dict(resume_state)
-    optimizer.load_state_dict(state.pop("optimizer"))
+    if size > 1:
+        load_full_optimizer_state(policy.model, optimizer, state.pop("optimizer"))
+    else:
+        optimizer.load_state_dict(state.pop("optimizer"))
     data_rng.set_state(state.pop("data_rng"))
-    sample_rng.set_state(state.pop("sample_rng"))
+    sample_rngs = state.pop("sample_rng")  # a list of one per rank under torchrun
+    sample_rng.set_state(sample_rngs[rank] if isinstance(sample_rngs, list) else sample_rngs)
     torch.set_rng_state(state.pop("torch_rng"))
-    print(f"resumed at step {state['step']}")
+    say(f"resumed at step {state['step']}")
     last_acc = next((m["acc"] for m in reversed(state["metrics"]) if "acc" in m),
                     state["acc_before"])
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
@@ -529,7 +559,8 @@ def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
     """One metrics record; a test evaluation every cfg.eval_every steps and at the end."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
-    record = dict(step=step, reward_mean=batch.rewards.mean().item(), loss=loss,
+    record = dict(step=step, reward_mean=global_mean(batch.rewards.mean().item()),
+                  loss=global_mean(loss),
                   skipped_updates=skipped, seconds=round(time.time() - state["started"], 3))
     if step % cfg.eval_every == 0 or step == cfg.steps:
         state["last_eval"] = evaluate_policy(policy, cfg, n_failures=3)  # (acc, failures)
@@ -541,31 +572,46 @@ def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
 
 def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
     """metrics.jsonl after every step; a checkpoint every cfg.save_every steps."""
-    toy_dllm.write_atomic(os.path.join(out, "metrics.jsonl"),
-                          "".join(json.dumps(m) + "\n" for m in state["metrics"]))
+    if world()[0] == 0:
+        toy_dllm.write_atomic(os.path.join(out, "metrics.jsonl"),
+                              "".join(json.dumps(m) + "\n" for m in state["metrics"]))
     if cfg.save_every and state["step"] % cfg.save_every == 0:
         saved = {k: v for k, v in state.items() if k not in RUN_TIME_ONLY}
+        sample_rngs = all_ranks(sample_rng.get_state())
         save_checkpoint(out, policy, optimizer, dict(
-            saved, data_rng=data_rng.get_state(), sample_rng=sample_rng.get_state(),
-            torch_rng=torch.get_rng_state()))
+            saved, data_rng=data_rng.get_state(), torch_rng=torch.get_rng_state(),
+            sample_rng=sample_rngs if len(sample_rngs) > 1 else sample_rngs[0]))
 
 
 def finish(policy, cfg, state, out):
     """Print the accuracy before and after; write the summary and final model."""
     acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg, n_failures=3)
     seconds = time.time() - state["started"]
-    print("\n".join(failures))
-    print(f"greedy test accuracy: {state['acc_before']:.1%} before RL -> {acc_after:.1%} after "
-          f"{cfg.steps} steps ({seconds:.0f}s)")
+    say("\n".join(failures))
+    say(f"greedy test accuracy: {state['acc_before']:.1%} before RL -> {acc_after:.1%} after "
+        f"{cfg.steps} steps ({seconds:.0f}s)")
     summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
                    seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,
                    seconds=round(seconds, 3), peak_activation_bytes=state["peak_activation_bytes"],
-                   skipped_updates=state["skipped_updates"])
+                   skipped_updates=state["skipped_updates"], world_size=world()[1])
+    if world()[1] > 1:  # the activation meter is off under torchrun; each rank's peak memory
+        import resource
+        summary["peak_rss_bytes_per_rank"] = all_ranks(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if out:
-        toy_dllm.save_dir_atomic(os.path.join(out, "model"), lambda tmp: save_model(policy, tmp))
-        toy_dllm.write_atomic(os.path.join(out, "summary.json"),
-                              json.dumps(summary, indent=1) + "\n")
+        weights = full_state_dicts(policy.model, None)[0] if world()[1] > 1 else None
+        if world()[0] == 0:
+            toy_dllm.save_dir_atomic(os.path.join(out, "model"),
+                                     lambda tmp: save_model(policy, tmp, weights))
+            toy_dllm.write_atomic(os.path.join(out, "summary.json"),
+                                  json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def say(text):
+    """print, on rank 0 only under torchrun."""
+    if world()[0] == 0:
+        print(text)
 
 # -----------------------------------------------------------------------------
 # 6. Checkpoints: out/checkpoint-STEP holds the model (save_pretrained), the
@@ -584,10 +630,11 @@ def checkpoints(out):
         (s for s in steps if s.isdigit()), key=int)]
 
 
-def save_model(policy, path):
+def save_model(policy, path, weights=None):
     """save_pretrained for the model and tokenizer, plus the response length
-    and mask id, so that `--model path` works again with no other flag."""
-    policy.model.save_pretrained(path)
+    and mask id, so that `--model path` works again with no other flag.
+    weights: the full state dict of a sharded model (full_state_dicts)."""
+    policy.model.save_pretrained(path, state_dict=weights)
     generation = getattr(policy.model, "generation_config", None)
     if generation is not None and not os.path.exists(os.path.join(path, "generation_config.json")):
         generation.save_pretrained(path)  # Dream's from_pretrained reads it back
@@ -602,10 +649,16 @@ def save_model(policy, path):
 def save_checkpoint(out, policy, optimizer, state):
     """Model, tokenizer, optimizer, RNG states and step, then drop older ones."""
     path = os.path.join(out, f"checkpoint-{state['step']}")
+    if world()[1] > 1:  # every rank gathers, rank 0 writes
+        weights, optimizer_state = full_state_dicts(policy.model, optimizer)
+        if world()[0] != 0:
+            return
+    else:
+        weights, optimizer_state = None, optimizer.state_dict()
 
     def save(tmp):
-        save_model(policy, tmp)
-        torch.save({**state, "optimizer": optimizer.state_dict()},
+        save_model(policy, tmp, weights)
+        torch.save({**state, "optimizer": optimizer_state},
                    os.path.join(tmp, "trainer_state.pt"))
 
     toy_dllm.save_dir_atomic(path, save)
@@ -625,6 +678,10 @@ def load_trainer_state(checkpoint, device):
     if state["device_type"] != device.type:
         raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
                          f"resume it there (--device {state['device_type']})")
+    saved, now = state.get("world_size", 1), world()[1]
+    if saved != now:  # the optimizer state and the sampler streams are per rank
+        raise ValueError(f"{checkpoint} was saved by {saved} process(es); resume it with "
+                         f"{saved} (torchrun --nproc_per_node {saved}), not {now}")
     return state
 
 # -----------------------------------------------------------------------------
@@ -988,7 +1045,9 @@ class Parser(argparse.ArgumentParser):
     """argparse, with errors on one line: 'bgpo.py: error: ...', exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        """Under torchrun every rank stops with status 2; rank 0 alone says why."""
+        shown = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message}\n" if shown else None)
 
 
 def _number(kind, low=None, high=None, low_open=False):
@@ -1073,6 +1132,10 @@ def build_parser():
       help="LoRA alpha: adapter updates are scaled by alpha / R (default: R)")
     a("--lora-targets", metavar="NAME[,NAME...]",
       help="modules that get adapters (default: every linear layer but the output head)")
+    a("--sync-each-sample", action="store_true",
+      help="under torchrun: reduce-scatter gradients after each Monte-Carlo sample "
+           "(n_t collectives, gradients stay sharded) instead of once per update; "
+           "no effect in one process")
     a("--gradient-checkpointing", action="store_true",
       help="recompute each layer's activations in backward (transformers' checkpointing); "
            "with --compare: a column with it")
@@ -1080,7 +1143,8 @@ def build_parser():
     return p
 
 
-RESUMABLE = ("steps", "device", "save_every", "trust_remote_code")  # what --resume may change
+RESUMABLE = ("steps", "device", "save_every", "trust_remote_code",  # what --resume may change
+             "sync_each_sample")
 EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's batch, unless given
 
 
@@ -1145,6 +1209,14 @@ def check_flags(cfg, parser):
             parser.error("--save-every needs --out")
     if cfg.lora_rank is None and (cfg.lora_alpha is not None or cfg.lora_targets):
         parser.error("--lora-alpha and --lora-targets need --lora-rank")
+    size = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started
+    if size > 1:
+        if cfg.compare or cfg.grad_stats or cfg.explain or cfg.lora_rank:
+            parser.error("--compare, --grad-stats, --explain and --lora-rank run in one "
+                         "process, not under torchrun")
+        if cfg.prompts % (size * cfg.updates_per_batch):
+            parser.error(f"--prompts {cfg.prompts} must divide into {size} processes "
+                         f"x {cfg.updates_per_batch} updates per batch")
 
 
 def resolve_device(name, parser):
@@ -1391,8 +1463,13 @@ def main(argv=None):
     parser = build_parser()
     cfg, checkpoint = parse_args(parser, argv)
     device = resolve_device(cfg.device, parser)
+    joined = launched_by_torchrun() and not torch.distributed.is_initialized()
+    if launched_by_torchrun():
+        device = start_distributed(device)
     policy = load_policy(cfg, parser, device, checkpoint)
     check_sampler_args(cfg, policy.response_length, parser)
+    if world()[1] > 1:
+        shard_model(policy.model, cfg.sync_each_sample)
 
     if cfg.compare or cfg.grad_stats:
         rows = (compare(policy, cfg, cfg.sample_counts) if cfg.compare
@@ -1407,9 +1484,12 @@ def main(argv=None):
     if cfg.out:  # only now, with every check passed, is anything written
         prepare_out(cfg.out, parser, resuming=checkpoint is not None)
         run = dict(dataclasses.asdict(cfg), response_length=policy.response_length)
-        toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"), json.dumps(run, indent=1) + "\n")
-    print(f"BGPO ({cfg.method}, n_t={cfg.samples}) on {cfg.model or 'the toy diffusion LM'}, "
-          f"{cfg.steps} steps of {cfg.prompts}x{cfg.group} responses, device {device}")
+        if world()[0] == 0:
+            toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"),
+                                  json.dumps(run, indent=1) + "\n")
+    say(f"BGPO ({cfg.method}, n_t={cfg.samples}) on {cfg.model or 'the toy diffusion LM'}, "
+        f"{cfg.steps} steps of {cfg.prompts}x{cfg.group} responses, device {device}"
+        + (f", {world()[1]} processes" if world()[1] > 1 else ""))
     try:
         train(policy, cfg, out=cfg.out, resume_state=resume_state)
     except KeyboardInterrupt:
@@ -1418,6 +1498,8 @@ def main(argv=None):
                 if found else "no checkpoint to resume from (see --save-every)")
         print(f"\nbgpo.py: interrupted; {hint}", file=sys.stderr)
         return 130
+    if joined:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -1568,6 +1650,106 @@ def uninitialised_buffers(model):
             if not fine:
                 bad.append(f"{module_name}.{name}" if module_name else name)
     return bad
+
+
+# -----------------------------------------------------------------------------
+# 10. Many processes: torchrun + FSDP2
+#     `torchrun --nproc_per_node W bgpo.py ...` starts W copies of this script
+#     (RANK, WORLD_SIZE in their environment). Each rank rolls out prompts/W of
+#     the step's prompt groups. FSDP2 (torch.distributed.fsdp.fully_shard)
+#     keeps 1/W of every weight, gradient and AdamW state on each rank; it
+#     all-gathers a block's weights for its forward and backward, and reduce-
+#     scatters the gradients as their mean over ranks. Each rank's loss is a
+#     mean over its B/W responses, so that mean is the mean over all B: the
+#     gradient is the single-process gradient on the same global batch.
+#     Gradient sync: BGPO backwards once per sample. By default the gradients
+#     are reduced once, after the last sample (set_requires_gradient_sync:
+#     one collective, but each rank holds unsharded gradients until then);
+#     --sync-each-sample reduces after every sample (n_t collectives, the
+#     gradients stay sharded: what an 8B model needs). Rank 0 alone prints
+#     and writes.
+
+
+def world():
+    """(rank, world size); (0, 1) in a single process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_by_torchrun():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start_distributed(device):
+    """Join the group torchrun set up: gloo on the CPU, nccl on CUDA (one GPU
+    per rank). Returns this rank's device."""
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # (a caller may have joined already)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shard_model(model, sync_each_sample=False):
+    """FSDP2: each block of the model's longest layer list, then the root
+    (which keeps the rest: embeddings, head, and any weights tied between them)."""
+    from torch.distributed.fsdp import fully_shard
+    layer_lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    for block in max(layer_lists, key=len, default=[]):
+        fully_shard(block)
+    fully_shard(model)
+    model.sync_each_sample = sync_each_sample
+    return model
+
+
+def sync_gradients(model, last):
+    """Before a sample's backward: reduce gradients now, or let them
+    accumulate unsharded until the last sample (FSDP2 models only)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last or model.sync_each_sample)
+
+
+def global_mean(value):
+    """The mean over ranks of a number each rank has (itself in one process)."""
+    rank, size = world()
+    if size == 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / size
+
+
+def full_state_dicts(model, optimizer):
+    """(weights, optimizer state) gathered whole, on the CPU: rank 0 saves
+    them. Every rank must call this (it all-gathers)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    return weights, (get_optimizer_state_dict(model, optimizer, options=options)
+                     if optimizer is not None else None)
+
+
+def load_full_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def all_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    import torch.distributed as dist
+    gathered = [None] * size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 if __name__ == "__main__":

@@ -28,10 +28,22 @@ def fresh_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def warm(fresh_cache):
+def warm(fresh_cache, tmp_path_factory, request):
     """(model, tokenizer, task, settings) of the default warm start. Shared:
-    a test that changes the model must work on a copy."""
-    return toy_dllm.warm_start()
+    a test that changes the model must work on a copy.
+
+    Once it is cached, the two-process checks of test_scale_out.py (if
+    selected) start in the background, to use the core that the tests of
+    tiny models leave idle; that module collects them."""
+    result = toy_dllm.warm_start()
+    if any(item.module.__name__ == "test_scale_out" for item in request.session.items):
+        import distributed_check
+        out = tmp_path_factory.mktemp("torchrun")
+        BACKGROUND["torchrun"] = (out, distributed_check.fork_workers(str(out)))
+    return result
+
+
+BACKGROUND = {}  # name -> (output directory, processes), see `warm`
 
 
 @pytest.fixture(scope="session")

@@ -93,10 +93,8 @@ def test_same_seed_gives_identical_metrics(warm, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--updates-per-batch", "2"],
-    ["--method", "naive"],
-    ["--method", "two_pass", "--clip", "0.2"],
-    ["--scheme", "uniform_t", "--temperature", "0"],
+    ["--method", "naive", "--updates-per-batch", "2"],
+    ["--method", "two_pass", "--clip", "0.2", "--scheme", "uniform_t", "--temperature", "0"],
 ])
 def test_variants_run(warm, tmp_path, capsys, extra):
     status, _ = run(SMALL + extra + ["--out", str(tmp_path / "run")], capsys)

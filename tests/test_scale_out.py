@@ -1,0 +1,56 @@
+"""torchrun + FSDP2 on the CPU (gloo, 2 processes): tests/distributed_check.py,
+in two processes forked with the environment torchrun gives its workers,
+started in the background once the warm start is cached (conftest.warm)."""
+import json
+
+import pytest
+import torch
+
+import bgpo
+from conftest import BACKGROUND
+from test_checkpoints_and_errors import assert_clean_error
+from test_rl import read_metrics, run
+
+
+@pytest.fixture(scope="module")
+def torchrun_result(warm):
+    out, procs = BACKGROUND["torchrun"]
+    for p in procs:
+        p.join(timeout=300)
+    logs = "".join((out / f"rank{r}.log").read_text()[-2000:] for r in range(2))
+    assert all(p.exitcode == 0 for p in procs), logs
+    return out, json.load(open(out / "result.json"))
+
+
+@pytest.mark.parametrize("method", ["bgpo", "naive", "two_pass"])
+def test_fsdp2_gradient_equals_the_single_process_gradient(torchrun_result, method):
+    """Each rank's loss is a mean over its half; FSDP2 averages: the global mean.
+    Both sync policies (once per update, after every sample) give it."""
+    _, result = torchrun_result
+    for key in (method, f"{method}_each"):
+        assert result[key]["same_names"] and result[key]["rel_diff"] <= 1e-12
+
+
+def test_bad_flag_under_torchrun_is_said_once_and_every_rank_exits_2(torchrun_result):
+    _, result = torchrun_result
+    (status0, err0), (status1, err1) = result["bad_flag_all"]
+    assert status0 == status1 == 2
+    assert err0.startswith("bgpo.py: error: --prompts 3") and err0.count("\n") == 1
+    assert err1 == ""
+
+
+def test_torchrun_run_saves_on_rank_0_and_resumes_exactly(torchrun_result, tmp_path, capsys):
+    out, _ = torchrun_result
+    whole, cut = out / "whole", out / "cut"
+    assert read_metrics(cut) == read_metrics(whole)
+    summary = json.load(open(whole / "summary.json"))
+    assert summary["world_size"] == 2 and len(summary["peak_rss_bytes_per_rank"]) == 2
+    assert json.load(open(cut / "summary.json"))["acc_after"] == summary["acc_after"]
+    from transformers import AutoModelForMaskedLM
+    AutoModelForMaskedLM.from_pretrained(whole / "model")             # the full model, unsharded
+    status, err = run(["--model", str(whole / "model"), "--steps", "1", "--prompts", "2",
+                       "--group", "2", "--samples", "2"], capsys)
+    assert status == 0, err
+    status, err = run(["--resume", str(cut), "--steps", "4"], capsys)  # one process now
+    assert_clean_error(status, err, "saved by 2 process", "--nproc_per_node 2")
+
