@@ -98,7 +98,7 @@ class Config:
     lora_rank: int = None          # train LoRA adapters of this rank (peft), not the weights
     lora_alpha: float = None       # LoRA's alpha (update scale alpha / rank); None: the rank
     lora_targets: str = None       # modules given adapters, comma-separated; None: every
-                                   # linear layer but the output head (peft's "all-linear")
+                                   # linear layer but the output head
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward
     sync_each_sample: bool = False  # torchrun: reduce gradients after every sample's backward
 
@@ -1315,7 +1315,10 @@ def add_lora(model, cfg, parser, path, lora_base):
             parser.error(f"--lora-rank {cfg.lora_rank}: {path} holds adapters of rank {rank}")
         return model, lora_base
     import peft  # only here: importing it takes seconds
-    targets = cfg.lora_targets.split(",") if cfg.lora_targets else "all-linear"
+    vocab = model.config.vocab_size
+    targets = (cfg.lora_targets.split(",") if cfg.lora_targets else  # every linear layer but
+               [name for name, m in model.named_modules()             # the head, found by its
+                if isinstance(m, torch.nn.Linear) and m.out_features != vocab])  # output size
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                              lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(cfg.seed)  # the adapters' random initialisation

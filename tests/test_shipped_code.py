@@ -168,3 +168,12 @@ def test_gradient_checkpointing_refused_by_a_model_is_a_one_line_error(standins,
     status, err = run(flags(standins, "llada_like") + TINY + ["--gradient-checkpointing"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "--gradient-checkpointing" in err and "does not support" in err
+
+
+def test_lora_adapts_every_linear_layer_but_the_head_of_a_model_that_does_not_name_it(standins):
+    cfg, _ = bgpo.parse_args(bgpo.build_parser(), flags(standins, "llada_like") + ["--lora-rank", "2"])
+    model = bgpo.load_policy(cfg, bgpo.build_parser(), torch.device("cpu")).model
+    adapted = {n.split("base_model.model.")[1].rsplit(".lora_A", 1)[0]
+               for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted == {f"model.blocks.{i}.{name}" for i in (0, 1)
+                       for name in ("att_proj", "attn_out", "ff_proj", "ff_out")}
