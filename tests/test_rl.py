@@ -148,7 +148,7 @@ def test_grad_stats_std_and_error_fall_with_more_samples(warm):
     policy = bgpo.Policy(model, tokenizer, task, tokenizer.mask_token_id, task.answer_length,
                          torch.device("cpu"))
     cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
-    rows = bgpo.grad_stats(policy, cfg, [1, 3, 16], draws=4, golden_samples=64)
+    rows = bgpo.grad_stats(policy, cfg, [1, 3, 16], draws=4, golden_samples=32)
     assert [(r["scheme"], r["samples"]) for r in rows] == [
         (scheme, n) for scheme in ("stratified", "uniform_t") for n in (1, 3, 16)]
     for one, three, sixteen in (rows[:3], rows[3:]):
