@@ -42,6 +42,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import toy_dllm
@@ -1466,7 +1467,7 @@ def main(argv=None):
     parser = build_parser()
     cfg, checkpoint = parse_args(parser, argv)
     device = resolve_device(cfg.device, parser)
-    joined = launched_by_torchrun() and not torch.distributed.is_initialized()
+    joined = launched_by_torchrun() and not dist.is_initialized()
     if launched_by_torchrun():
         device = start_distributed(device)
     policy = load_policy(cfg, parser, device, checkpoint)
@@ -1502,7 +1503,7 @@ def main(argv=None):
         print(f"\nbgpo.py: interrupted; {hint}", file=sys.stderr)
         return 130
     if joined:
-        torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
     return 0
 
 
@@ -1675,7 +1676,6 @@ def uninitialised_buffers(model):
 
 def world():
     """(rank, world size); (0, 1) in a single process."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -1688,7 +1688,6 @@ def launched_by_torchrun():
 def start_distributed(device):
     """Join the group torchrun set up: gloo on the CPU, nccl on CUDA (one GPU
     per rank). Returns this rank's device."""
-    import torch.distributed as dist
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -1713,7 +1712,7 @@ def sync_gradients(model, last):
     """Before a sample's backward: reduce gradients now, or let them
     accumulate unsharded until the last sample (FSDP2 models only)."""
     if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(last or model.sync_each_sample)
+        model.set_requires_gradient_sync(last or getattr(model, "sync_each_sample", False))
 
 
 def global_mean(value):
@@ -1721,7 +1720,6 @@ def global_mean(value):
     rank, size = world()
     if size == 1:
         return value
-    import torch.distributed as dist
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t)
     return t.item() / size
@@ -1749,7 +1747,6 @@ def all_ranks(obj):
     rank, size = world()
     if size == 1:
         return [obj]
-    import torch.distributed as dist
     gathered = [None] * size
     dist.all_gather_object(gathered, obj)
     return gathered
