@@ -1301,8 +1301,10 @@ def load_policy(cfg, parser, device, checkpoint=None):
     lora_base = saved.get("lora_base") if hasattr(model, "peft_config") else None
     if cfg.lora_rank:
         model, lora_base = add_lora(model, cfg, parser, path, lora_base)
-    if cfg.gradient_checkpointing and not cfg.compare:  # --compare measures with and without
-        set_checkpointing(model, True, parser)
+    if cfg.gradient_checkpointing:
+        set_checkpointing(model, True, parser)  # a model that refuses it: one line
+        if cfg.compare:  # which measures with and without
+            set_checkpointing(model, False)
     return Policy(model, tokenizer, task, mask_id, length, device, lora_base)
 
 

@@ -165,9 +165,11 @@ def test_padding_is_hidden_in_the_form_each_model_takes(standins, tokenizer):
 
 
 def test_gradient_checkpointing_refused_by_a_model_is_a_one_line_error(standins, capsys):
-    status, err = run(flags(standins, "llada_like") + TINY + ["--gradient-checkpointing"], capsys)
-    assert status == 2 and err.count("\n") == 1
-    assert "--gradient-checkpointing" in err and "does not support" in err
+    for mode in ([], ["--compare", "--samples", "1,2"]):
+        status, err = run(flags(standins, "llada_like") + TINY + mode + ["--gradient-checkpointing"],
+                          capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert "--gradient-checkpointing" in err and "does not support" in err
 
 
 def test_lora_adapts_every_linear_layer_but_the_head_of_a_model_that_does_not_name_it(standins):
