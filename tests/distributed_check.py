@@ -80,27 +80,46 @@ def check(out):
 
     result["seconds"]["bad_flag"] = round(time.time() - started, 1)
     # 3. A short run with a checkpoint at step 2; the same run cut there and resumed
-    args = ["--steps", "3", "--prompts", "4", "--group", "4", "--samples", "2", "--save-every", "2"]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert bgpo.main(args + ["--out", os.path.join(out, "whole")]) == 0
-        result["seconds"]["whole"] = round(time.time() - started, 1)
-        if rank == 0:
-            cut = os.path.join(out, "cut")
-            shutil.copytree(os.path.join(out, "whole"), cut)
-            shutil.rmtree(os.path.join(cut, "model"))
-            with open(os.path.join(cut, "metrics.jsonl")) as f:
-                lines = f.readlines()[:2]
-            with open(os.path.join(cut, "metrics.jsonl"), "w") as f:
-                f.writelines(lines)
-            os.remove(os.path.join(cut, "summary.json"))
-        dist.barrier()
-        assert bgpo.main(["--resume", os.path.join(out, "cut"), "--sync-each-sample"]) == 0
+    # on the warm start as a saved model, so that 100 test problems do without a new warm start
+    if rank == 0:
+        toy_dllm.warm_start(verbose=False)  # cached by now under the test session
+    dist.barrier()
+    warm = toy_dllm.warm_start_path(dict(toy_dllm.WARM_START))
+    args = ["--model", warm, "--response-length", "3", "--test-size", "100", "--steps", "3",
+            "--prompts", "4", "--group", "4",
+            "--samples", "2", "--save-every", "2"]
+    assert quiet_main(args + ["--out", os.path.join(out, "whole")]) == (0, "")
+    result["seconds"]["whole"] = round(time.time() - started, 1)
+    if rank == 0:
+        cut = os.path.join(out, "cut")
+        shutil.copytree(os.path.join(out, "whole"), cut)
+        shutil.rmtree(os.path.join(cut, "model"))
+        with open(os.path.join(cut, "metrics.jsonl")) as f:
+            lines = f.readlines()[:2]
+        with open(os.path.join(cut, "metrics.jsonl"), "w") as f:
+            f.writelines(lines)
+        os.remove(os.path.join(cut, "summary.json"))
+    dist.barrier()
+    assert quiet_main(["--resume", os.path.join(out, "cut"), "--sync-each-sample"]) == (0, "")
 
     result["seconds"]["resumed"] = round(time.time() - started, 1)
     if rank == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
+
+
+def quiet_main(argv):
+    """bgpo.main with its output swallowed: (exit status, its own
+    "bgpo.py: ..." lines on stderr, without the progress bar and warnings)."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            status = bgpo.main(argv)
+        except SystemExit as e:
+            status = e.code
+    return status, "".join(line for line in err.getvalue().splitlines(keepends=True)
+                           if line.startswith("bgpo.py"))
 
 
 def fork_workers(out, size=2):
