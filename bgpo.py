@@ -101,6 +101,7 @@ class Config:
     lora_targets: str = None       # modules given adapters, comma-separated; None: every
                                    # linear layer but the output head
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward
+    activation_budget: float = None  # MB: stop before training if one loss call needs more
     sync_each_sample: bool = False  # torchrun: reduce gradients after every sample's backward
 
 # -----------------------------------------------------------------------------
@@ -1137,6 +1138,9 @@ def build_parser():
       help="under torchrun: reduce-scatter gradients after each Monte-Carlo sample "
            "(n_t collectives, gradients stay sharded) instead of once per update; "
            "no effect in one process")
+    a("--activation-budget", type=_number(float, 0, low_open=True), metavar="MB",
+      help="before training, measure one loss call's activations at --samples and --method; "
+           "more than MB stops with the largest n_t that fits")
     a("--gradient-checkpointing", action="store_true",
       help="recompute each layer's activations in backward (transformers' checkpointing); "
            "with --compare: a column with it")
@@ -1212,9 +1216,9 @@ def check_flags(cfg, parser):
         parser.error("--lora-alpha and --lora-targets need --lora-rank")
     size = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started
     if size > 1:
-        if cfg.compare or cfg.grad_stats or cfg.explain or cfg.lora_rank:
-            parser.error("--compare, --grad-stats, --explain and --lora-rank run in one "
-                         "process, not under torchrun")
+        if cfg.compare or cfg.grad_stats or cfg.explain or cfg.lora_rank or cfg.activation_budget:
+            parser.error("--compare, --grad-stats, --explain, --lora-rank and "
+                         "--activation-budget run in one process, not under torchrun")
         if cfg.prompts % (size * cfg.updates_per_batch):
             parser.error(f"--prompts {cfg.prompts} must divide into {size} processes "
                          f"x {cfg.updates_per_batch} updates per batch")
@@ -1432,6 +1436,37 @@ def load_adapters(cfg, parser, path, source):
     return model, tokenizer, task
 
 
+def check_activation_budget(policy, cfg, parser):
+    """--activation-budget: one loss call of the run's method at its n_t, on a
+    rollout batch of the run's size, measured by the saved-tensor meter (as
+    --compare does). More than the budget stops here, before anything is
+    written, naming the largest n_t that fits (memory grows with n_t for the
+    naive objective and stays flat for BGPO, so a bisection finds it)."""
+    batch = fixed_batch(policy, cfg)
+
+    def megabytes(n):
+        masks, weights, old_terms = masks_and_old_terms(
+            policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
+        policy.model.zero_grad(set_to_none=True)
+        nbytes = measure(lambda: policy_loss_backward(
+            policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
+            old_terms, policy.mask_id, method=cfg.method, clip=cfg.clip,
+            prompt_mask=batch.prompt_mask), policy.model, policy.device)[1]
+        policy.model.zero_grad(set_to_none=True)
+        return nbytes / 2**20
+
+    need = megabytes(cfg.samples)
+    if need <= cfg.activation_budget:
+        return
+    fits, too_many = 0, cfg.samples  # the largest n_t within the budget lies in [fits, too_many)
+    while too_many - fits > 1:
+        n = (fits + too_many) // 2
+        fits, too_many = (n, too_many) if megabytes(n) <= cfg.activation_budget else (fits, n)
+    parser.error(f"--activation-budget {cfg.activation_budget:g} MB: {cfg.method} at n_t = "
+                 f"{cfg.samples} needs {need:.1f} MB of activations; "
+                 + (f"the largest n_t that fits is {fits}" if fits else "not even n_t = 1 fits"))
+
+
 def check_sampler_args(cfg, length, parser):
     """--block-length and --sampler-steps against the response length."""
     block = cfg.block_length or length
@@ -1486,6 +1521,8 @@ def main(argv=None):
         explain(policy, cfg)
         return 0
 
+    if cfg.activation_budget:
+        check_activation_budget(policy, cfg, parser)
     resume_state = load_resume_state(cfg, checkpoint, device, parser) if checkpoint else None
     if cfg.out:  # only now, with every check passed, is anything written
         prepare_out(cfg.out, parser, resuming=checkpoint is not None)

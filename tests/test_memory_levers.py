@@ -120,3 +120,21 @@ def test_gradient_checkpointing_keeps_the_gradient_and_cuts_activations(warm):
 def test_bad_lora_flags_are_one_line_errors(warm, args, words, capsys):
     status, err = run(SMALL + args, capsys)
     assert_clean_error(status, err, *words)
+
+
+def test_activation_budget_stops_before_anything_is_written_naming_what_fits(warm, tmp_path,
+                                                                            capsys):
+    rows = bgpo.compare(toy_policy(warm), bgpo.Config(prompts=2, group=4), [2, 3], repeats=1)
+    naive = {r["samples"]: r["peak_activation_bytes"] / 2**20 for r in rows
+             if r["method"] == "naive"}
+    budget = str((naive[2] + naive[3]) / 2)  # n_t = 2 fits, 3 does not
+    args = ["--prompts", "2", "--group", "4", "--steps", "1", "--samples", "8",
+            "--activation-budget", budget, "--out", str(tmp_path / "run")]
+    status, err = run(args + ["--method", "naive"], capsys)
+    assert_clean_error(status, err, f"--activation-budget {float(budget):g} MB",
+                       "naive at n_t = 8", "the largest n_t that fits is 2")
+    assert not (tmp_path / "run").exists()
+    status, err = run(args[:-4] + ["--activation-budget", "0.001", "--method", "naive"], capsys)
+    assert_clean_error(status, err, "not even n_t = 1 fits")
+    status, err = run(args, capsys)  # BGPO's memory does not grow with n_t: it fits
+    assert status == 0, err
