@@ -795,6 +795,16 @@ def measure(fn, model, device):
     return result, meter.peak_bytes, seconds, cuda_peak
 
 
+def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None):
+    """measure() of one policy_loss_backward call on a Rollout, from zero
+    gradients; the gradient it leaves is in the model's .grad."""
+    policy.model.zero_grad(set_to_none=True)
+    return measure(lambda: policy_loss_backward(
+        policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
+        old_terms, policy.mask_id, method=method, clip=clip, prompt_mask=batch.prompt_mask),
+        policy.model, policy.device)
+
+
 def flat_grad(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -830,11 +840,8 @@ def compare(policy, cfg, sample_counts, repeats=2):
         reference = None
         for method in ("naive", "two_pass", "bgpo"):
             def call():
-                model.zero_grad(set_to_none=True)
-                return measure(lambda: policy_loss_backward(
-                    model, batch.prompts, batch.responses, batch.advantages, masks, weights,
-                    old_terms, policy.mask_id, method=method, clip=cfg.clip,
-                    prompt_mask=batch.prompt_mask), model, policy.device)
+                return measure_loss_call(policy, batch, masks, weights, old_terms, method,
+                                         cfg.clip)
             # the fastest of `repeats` calls; memory is the same each time
             runs = [call() for _ in range(repeats)]
             loss, nbytes, _, cuda_peak = runs[-1]
@@ -1447,11 +1454,8 @@ def check_activation_budget(policy, cfg, parser):
     def megabytes(n):
         masks, weights, old_terms = masks_and_old_terms(
             policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
-        policy.model.zero_grad(set_to_none=True)
-        nbytes = measure(lambda: policy_loss_backward(
-            policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
-            old_terms, policy.mask_id, method=cfg.method, clip=cfg.clip,
-            prompt_mask=batch.prompt_mask), policy.model, policy.device)[1]
+        nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, cfg.method,
+                                   cfg.clip)[1]
         policy.model.zero_grad(set_to_none=True)
         return nbytes / 2**20
 
