@@ -13,12 +13,12 @@ from conftest import random_batch, tiny_model
 MASK = 13  # the toy tokenizer's [MASK]
 
 
-def grads_of(model, method, batch, masks, weights, old_terms, clip=None):
+def grads_of(model, method, batch, masks, weights, old_terms, clip=None, mask_id=MASK):
     """(loss value, flat gradient) of one policy_loss_backward call from zero grads."""
     prompts, responses, advantages = batch
     model.zero_grad(set_to_none=True)
     value = bgpo.policy_loss_backward(model, prompts, responses, advantages, masks, weights,
-                                      old_terms, MASK, method=method, clip=clip)
+                                      old_terms, mask_id, method=method, clip=clip)
     grad = bgpo.flat_grad(model).clone()
     model.zero_grad(set_to_none=True)
     return value, grad
@@ -104,14 +104,28 @@ def test_gradients_accumulate_across_calls(model64):
     assert torch.allclose(bgpo.flat_grad(model64), 2 * g, rtol=1e-12)
 
 
-def per_response_objectives(model, batch, masks, weights, old):
+def per_response_objectives(model, batch, masks, weights, old, mask_id=MASK):
     prompts, responses, adv = batch
     with torch.no_grad():
-        terms = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
+        terms = bgpo.elbo_terms(model, prompts, responses, masks, weights, mask_id)
     naive = bgpo.naive_objective(terms, old, adv)
     bound = sum(bgpo.bgpo_sample_objective(terms[j], old[j], adv, len(masks))
                 for j in range(len(masks)))
     return naive, bound
+
+
+def assert_equivalent_on_policy_bounded_off(model, batch, masks, weights, old, mask_id=MASK):
+    """The two claims on any model (float64): bgpo and two_pass give naive's
+    value and gradient on-policy; perturbed, the bound holds and is not tight."""
+    v_naive, g_naive = grads_of(model, "naive", batch, masks, weights, old, mask_id=mask_id)
+    assert g_naive.abs().max() > 0
+    for method in ("bgpo", "two_pass"):
+        v, g = grads_of(model, method, batch, masks, weights, old, mask_id=mask_id)
+        assert v == pytest.approx(v_naive, rel=1e-9, abs=1e-12)
+        assert torch.allclose(g, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
+    bgpo.perturb_weights(model, 0.05, seed=1)
+    naive, bound = per_response_objectives(model, batch, masks, weights, old, mask_id)
+    assert (bound <= naive + 1e-12).all() and (bound < naive - 1e-9).any()
 
 
 @pytest.mark.parametrize("advantage_sign", ["both", "positive", "negative"])
