@@ -63,6 +63,8 @@ class Config:
     method: str = "bgpo"           # "bgpo", "naive" or "two_pass"
     samples: int = 16              # n_t, Monte-Carlo samples per response
     sample_counts: tuple = (16,)   # the n_t list of --compare / --grad-stats (--samples 1,4,16)
+    mc_batch: int = 1              # K, Monte-Carlo samples per forward pass (memory for speed)
+    mc_batches: tuple = (1,)       # the K list of --compare (--mc-batch 1,4,16)
     scheme: str = "stratified"     # how masks are drawn: "stratified" or "uniform_t"
     clip: float = None             # PPO epsilon; None: no clipping (the paper)
     length_norm: bool = False      # divide each l_j by the response length (official code)
@@ -92,7 +94,9 @@ class Config:
     mask_id: int = None            # [MASK] id if the tokenizer names none
     shifted_logits: str = "auto"   # "yes": token i is predicted at position i - 1 (Dream);
                                    # "auto": yes for the model types in SHIFTED_MODEL_TYPES
-    response_length: int = None    # response tokens; None: the answer (+ 1 with --model)
+    response_length: int = None    # response tokens, the answer then end tokens; None: the
+                                   # answer (+ 1 with --model); the toy's warm start is
+                                   # trained at this length
     digits: int = 2                # operand digits of the task
     test_size: int = 1000          # test problems
     # memory levers for a real diffusion LM
@@ -226,25 +230,44 @@ def _check_term_inputs(prompts, responses, mask, weight):
         raise ValueError(f"weight must be ({B},), got shape {tuple(weight.shape)}")
 
 
-def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
+def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None,
+               mc_batch=1):
     """elbo_term for each of the n_t masks: Float (n_t, B). Call it under
-    torch.no_grad() for the old policy's terms, as it keeps every graph."""
+    torch.no_grad() for the old policy's terms, as it keeps every graph.
+    mc_batch: masks per forward pass (see _elbo_terms_at_once)."""
     _check_term_inputs(prompts, responses, masks[0], weights[0])
-    return torch.stack([_elbo_term(model, prompts, responses, m, w, mask_id, prompt_mask)
-                        for m, w in zip(masks, weights)])
+    return torch.cat([_elbo_terms_at_once(model, prompts, responses, m, w, mask_id, prompt_mask)
+                      for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
+
+
+def _elbo_terms_at_once(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
+    """l_j for K masks in one forward pass over K copies of the batch:
+    Float (K, B) from masks (K, B, L). Faster than K passes where the device
+    has room (a GPU), at K times one pass's activation memory."""
+    K, B, L = masks.shape
+    if K == 1:
+        return _elbo_term(model, prompts, responses, masks[0], weights[0], mask_id,
+                          prompt_mask)[None]
+    copies = lambda x: None if x is None else x.repeat(K, 1)            # (K B, .)
+    return _elbo_term(model, copies(prompts), copies(responses), masks.reshape(K * B, L),
+                      weights.reshape(K * B), mask_id, copies(prompt_mask)).view(K, B)
 
 
 def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False,
-                        shard=(0, 1)):
+                        shard=(0, 1), old=True, mc_batch=1):
     """Step 3: n_t masks per response, and the old policy's l_j on them.
 
     The old policy is the model as it is now; its terms carry no gradient.
+    old=False skips them (old_terms is None): with one update per rollout
+    they equal the new terms' values, which policy_loss_backward then takes
+    from its own forward passes instead of n_t extra ones here.
     length_norm divides every l_j by the response length L (the official
     code's per-token ELBO), so d_j and a clip band act per token.
     policy and batch: a Policy and a Rollout (section 4).
     shard: (rank, world size) under torchrun: the masks are drawn for the
     world's whole batch, as one process would, and this rank's rows kept.
-    Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B).
+    mc_batch: masks per forward pass for the old terms.
+    Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B) or None.
     """
     rank, size = shard
     B = batch.responses.shape[0]
@@ -252,9 +275,11 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
     masks, weights = masks[:, rank * B:(rank + 1) * B], weights[:, rank * B:(rank + 1) * B]
     if length_norm:
         weights = weights / batch.responses.shape[1]
+    if not old:
+        return masks, weights, None
     with torch.no_grad():
         old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
-                               policy.mask_id, batch.prompt_mask)
+                               policy.mask_id, batch.prompt_mask, mc_batch)
     return masks, weights, old_terms
 
 # -----------------------------------------------------------------------------
@@ -293,7 +318,7 @@ def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None):
 
 
 def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
-                       prompt_mask):
+                       prompt_mask, mc_batch):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     if responses.dim() != 2:
@@ -304,24 +329,29 @@ def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms
     n = masks.shape[0]
     for name, x, shape in (("advantages", advantages, (B,)), ("weights", weights, (n, B)),
                            ("old_terms", old_terms, (n, B))):
-        if tuple(x.shape) != shape:
+        if x is not None and tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if prompts.dim() != 2 or prompts.shape[0] != B:
         raise ValueError(f"prompts must be ({B}, Lp), got shape {tuple(prompts.shape)}")
     if prompt_mask is not None and prompt_mask.shape != prompts.shape:
         raise ValueError(f"prompt_mask must have the prompts' shape {tuple(prompts.shape)}, "
                          f"got {tuple(prompt_mask.shape)}")
+    if not isinstance(mc_batch, int) or mc_batch < 1:
+        raise ValueError(f"mc_batch must be an integer >= 1, got {mc_batch!r}")
 
 
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
-                         old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None):
+                         old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
+                         mc_batch=1):
     """Backward the RL loss L = -(1/B) sum_i R_i into the model's .grad.
 
     Gradients accumulate (nothing is zeroed), as in gradient accumulation.
     Args:
         prompts: Long (B, Lp); responses: Long (B, L); advantages: Float (B,);
         masks: Bool (n_t, B, L) and weights: Float (n_t, B) from sample_masks;
-        old_terms: Float (n_t, B), the old policy's l_j on the same masks;
+        old_terms: Float (n_t, B), the old policy's l_j on the same masks, or
+            None on-policy: each l_j's own value, detached, from the same
+            forward pass (identical to passing them, without n_t extra passes);
         method: "bgpo"     R = R_lb; one forward + backward per sample, so
                            only one sample's graph is alive at a time;
                 "naive"    R = exp(mean d) A; all n_t graphs, one backward;
@@ -329,62 +359,76 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                            pass finds c_i = dR_i / d(mean d_i), then sample j
                            backwards -(1/B) sum_i c_i l_ij / n_t on its own;
         clip: PPO epsilon, or None (the paper) for no clipping;
-        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
+        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding);
+        mc_batch: K, samples per forward pass (K copies of the batch at once):
+            K = 1 is BGPO's least memory, K = n_t one pass like the naive
+            objective's; the same gradient, up to floating-point rounding.
     Returns:
         L's value, a float.
     """
     _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
-                       prompt_mask)
+                       prompt_mask, mc_batch)
     backward = {"bgpo": bgpo_loss_backward, "naive": naive_loss_backward,
                 "two_pass": two_pass_loss_backward}[method]
     # the old policy's terms and the advantages are constants of the objective
     return backward(model, prompts, responses, advantages.detach(), masks, weights,
-                    old_terms.detach(), mask_id, clip, prompt_mask)
+                    None if old_terms is None else old_terms.detach(), mask_id, clip,
+                    prompt_mask, mc_batch)
 
 
 def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
-                       mask_id, clip=None, prompt_mask=None):
-    """R = R_lb = sum_j g_j: one sample at a time, forward, backward, free."""
+                       mask_id, clip=None, prompt_mask=None, mc_batch=1):
+    """R = R_lb = sum_j g_j: one sample (or mc_batch) at a time, forward,
+    backward, free."""
     n = masks.shape[0]
     total = 0.0
-    for j in range(n):
-        term = _elbo_term(model, prompts, responses, masks[j], weights[j], mask_id,
-                          prompt_mask)                                   # (B,), with a graph
-        loss_j = -bgpo_sample_objective(term, old_terms[j], advantages, n, clip).mean()
-        sync_gradients(model, last=j == n - 1)                           # torchrun only
-        loss_j.backward()                                                # frees sample j's graph
-        total += loss_j.item()
+    for j in range(0, n, mc_batch):
+        k = slice(j, j + mc_batch)                                       # samples j .. j+K-1
+        terms = _elbo_terms_at_once(model, prompts, responses, masks[k], weights[k], mask_id,
+                                    prompt_mask)                         # (K, B), with a graph
+        old = terms.detach() if old_terms is None else old_terms[k]     # on-policy: d = 0
+        loss_k = -bgpo_sample_objective(terms, old, advantages, n, clip).mean(-1).sum()
+        sync_gradients(model, last=j + mc_batch >= n)                    # torchrun only
+        loss_k.backward()                                                # frees their graph
+        total += loss_k.item()
     return total
 
 
 def naive_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
-                        mask_id, clip=None, prompt_mask=None):
+                        mask_id, clip=None, prompt_mask=None, mc_batch=1):
     """R = exp(mean_j d_j) A: all n_t graphs alive at once, one backward."""
     terms = elbo_terms(model, prompts, responses, masks, weights, mask_id,
-                       prompt_mask)                                      # (n_t, B), n graphs
+                       prompt_mask, mc_batch)                            # (n_t, B), n graphs
+    old_terms = terms.detach() if old_terms is None else old_terms
     loss = -naive_objective(terms, old_terms, advantages, clip).mean()
     loss.backward()
     return loss.item()
 
 
 def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
-                           mask_id, clip=None, prompt_mask=None):
+                           mask_id, clip=None, prompt_mask=None, mc_batch=1):
     """The naive gradient at constant memory. R depends on the samples only
     through m = mean_j d_j, so dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t)
     sum_j dl_ij/dtheta: pass 1 (no grad) finds c_i = dR_i/dm_i, pass 2
-    backwards -(1/B) sum_i c_i l_ij / n_t one sample at a time."""
+    backwards -(1/B) sum_i c_i l_ij / n_t one sample at a time.
+    On-policy (old_terms None) m = 0 is known, and pass 1 is skipped."""
     n = masks.shape[0]
-    with torch.no_grad():
-        mean_d = (elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask)
-                  - old_terms).mean(0)                                   # (B,)
+    if old_terms is None:
+        mean_d = torch.zeros_like(advantages)
+    else:
+        with torch.no_grad():
+            mean_d = (elbo_terms(model, prompts, responses, masks, weights, mask_id,
+                                 prompt_mask, mc_batch) - old_terms).mean(0)  # (B,)
     mean_d.requires_grad_(True)
     objective = clipped(torch.exp(mean_d), advantages, clip)             # (B,)
     coef, = torch.autograd.grad(objective.sum(), mean_d)                 # A e^{m} unclipped
-    for j in range(n):
-        term = _elbo_term(model, prompts, responses, masks[j], weights[j], mask_id, prompt_mask)
-        loss_j = -(coef * term).mean() / n
-        sync_gradients(model, last=j == n - 1)
-        loss_j.backward()
+    for j in range(0, n, mc_batch):
+        k = slice(j, j + mc_batch)
+        terms = _elbo_terms_at_once(model, prompts, responses, masks[k], weights[k], mask_id,
+                                    prompt_mask)                         # (K, B)
+        loss_k = -(coef * terms).mean(-1).sum() / n
+        sync_gradients(model, last=j + mc_batch >= n)
+        loss_k.backward()
     return -objective.mean().item()
 
 # -----------------------------------------------------------------------------
@@ -433,7 +477,9 @@ def rollout(policy, problems, cfg, generator):
 #    each step: rollout -> advantages -> masks + old terms (no grad) ->
 #    updates_per_batch mini-batch updates through policy_loss_backward -> log.
 #    With 1 update the old policy is the current one (on-policy: BGPO equals
-#    the naive objective); with 2 the second mini-batch is off-policy.
+#    the naive objective, and the old terms are the new terms' own values,
+#    taken from the same forward passes); with 2 the second mini-batch is
+#    off-policy, and the old terms need their own no-grad passes.
 
 
 def train(policy, cfg, out=None, resume_state=None):
@@ -477,8 +523,10 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     0 unless measure_memory).
     """
     model = policy.model
-    masks, weights, old_terms = masks_and_old_terms(policy, batch, cfg.samples, cfg.scheme,
-                                                    data_rng, cfg.length_norm, world())
+    # one update: on-policy, the old terms come from the loss's own forward passes
+    masks, weights, old_terms = masks_and_old_terms(
+        policy, batch, cfg.samples, cfg.scheme, data_rng, cfg.length_norm, world(),
+        old=cfg.updates_per_batch > 1, mc_batch=cfg.mc_batch)
     losses, skipped, peak = [], 0, 0
     n_prompts = batch.responses.shape[0] // cfg.group
     for groups in torch.arange(n_prompts).chunk(cfg.updates_per_batch):
@@ -490,9 +538,11 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
         with meter:
             loss = policy_loss_backward(
                 model, batch.prompts[rows], batch.responses[rows], batch.advantages[rows],
-                masks[:, rows], weights[:, rows], old_terms[:, rows], policy.mask_id,
+                masks[:, rows], weights[:, rows],
+                None if old_terms is None else old_terms[:, rows], policy.mask_id,
                 method=cfg.method, clip=cfg.clip,
-                prompt_mask=None if batch.prompt_mask is None else batch.prompt_mask[rows])
+                prompt_mask=None if batch.prompt_mask is None else batch.prompt_mask[rows],
+                mc_batch=cfg.mc_batch)
         peak = max(peak, meter.peak_bytes if measure_memory else 0)
         # the norm of all gradients together, before clipping: nan or inf if any is
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -690,7 +740,8 @@ def load_trainer_state(checkpoint, device):
 # 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
 #    compare:    for each n_t and method, the objective (1/B) sum_i R_i, the
 #                largest gradient difference to "naive", the peak activation
-#                bytes and the time of one policy_loss_backward call.
+#                bytes and the time of one policy_loss_backward call; BGPO
+#                once for each K of --mc-batch (samples per forward pass).
 #    grad-stats: on-policy BGPO gradients g_1..g_8 from 8 independent mask
 #                draws at each n_t, against a "golden" gradient g*, the mean
 #                of 8 draws at n_t = 256 (stratified):
@@ -795,14 +846,14 @@ def measure(fn, model, device):
     return result, meter.peak_bytes, seconds, cuda_peak
 
 
-def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None):
+def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1):
     """measure() of one policy_loss_backward call on a Rollout, from zero
     gradients; the gradient it leaves is in the model's .grad."""
     policy.model.zero_grad(set_to_none=True)
     return measure(lambda: policy_loss_backward(
         policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
-        old_terms, policy.mask_id, method=method, clip=clip, prompt_mask=batch.prompt_mask),
-        policy.model, policy.device)
+        old_terms, policy.mask_id, method=method, clip=clip, prompt_mask=batch.prompt_mask,
+        mc_batch=mc_batch), policy.model, policy.device)
 
 
 def flat_grad(model):
@@ -838,16 +889,17 @@ def compare(policy, cfg, sample_counts, repeats=2):
         if cfg.perturb > 0:
             perturb_weights(model, cfg.perturb, cfg.seed)
         reference = None
-        for method in ("naive", "two_pass", "bgpo"):
+        ks = sorted({min(k, n) for k in cfg.mc_batches})  # BGPO's samples per forward pass
+        for method, k in [("naive", 1), ("two_pass", 1)] + [("bgpo", k) for k in ks]:
             def call():
                 return measure_loss_call(policy, batch, masks, weights, old_terms, method,
-                                         cfg.clip)
+                                         cfg.clip, k)
             # the fastest of `repeats` calls; memory is the same each time
             runs = [call() for _ in range(repeats)]
             loss, nbytes, _, cuda_peak = runs[-1]
             grad = flat_grad(model)
             reference = grad if reference is None else reference
-            row = dict(method=method, samples=n, objective=-loss,
+            row = dict(method=method, samples=n, mc_batch=k, objective=-loss,
                        grad_max_abs_diff=(grad - reference).abs().max().item(),
                        peak_activation_bytes=nbytes, seconds=min(r[2] for r in runs),
                        cuda_peak_bytes=cuda_peak)
@@ -1018,9 +1070,11 @@ def show_tokens(policy, prompt, response, mask=None):
 def format_table(rows):
     """Rows of dicts -> an aligned text table, with the units of the columns."""
     if rows and "method" in rows[0]:
-        head = ["method", "n_t", "objective", "max|grad-naive|", "act. MB", "ms/call", "time/naive"]
+        head = ["method", "n_t", "K", "objective", "max|grad-naive|", "act. MB", "ms/call",
+                "time/naive"]
         naive_seconds = {r["samples"]: r["seconds"] for r in rows if r["method"] == "naive"}
-        body = [[r["method"], r["samples"], f"{r['objective']:+.6f}", f"{r['grad_max_abs_diff']:.1e}",
+        body = [[r["method"], r["samples"], r["mc_batch"], f"{r['objective']:+.6f}",
+                 f"{r['grad_max_abs_diff']:.1e}",
                  f"{r['peak_activation_bytes'] / 2**20:.2f}", f"{1000 * r['seconds']:.0f}",
                  f"{r['seconds'] / naive_seconds[r['samples']]:.2f}"]
                 + ([f"{r['cuda_peak_bytes'] / 2**20:.1f}"] if r["cuda_peak_bytes"] is not None else [])
@@ -1078,11 +1132,14 @@ def _sample_counts(text):
     return [_number(int, 1)(part) for part in text.split(",")]
 
 
-class _SampleCounts(argparse.Action):
-    """--samples 16 or --samples 1,4,16: n_t (the first) and the whole list."""
+class _FirstAndList(argparse.Action):
+    """--samples 16 or --samples 1,4,16: n_t (the first) and the whole list
+    (sample_counts); the same for --mc-batch (mc_batch, mc_batches)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        namespace.samples, namespace.sample_counts = values[0], tuple(values)
+        setattr(namespace, self.dest, values[0])
+        setattr(namespace, {"samples": "sample_counts", "mc_batch": "mc_batches"}[self.dest],
+                tuple(values))
 
 
 def build_parser():
@@ -1096,8 +1153,11 @@ def build_parser():
                       help="one BGPO step on a small batch (2 prompts x 4 responses, n_t = 2 "
                            "unless given), every number printed")
     a = p.add_argument
-    a("--samples", type=_sample_counts, action=_SampleCounts, metavar="N[,N...]",
+    a("--samples", type=_sample_counts, action=_FirstAndList, metavar="N[,N...]",
       help="n_t, Monte-Carlo samples per response (a list for --compare / --grad-stats)")
+    a("--mc-batch", type=_sample_counts, action=_FirstAndList, metavar="K[,K...]",
+      help="Monte-Carlo samples per forward pass: 1 uses the least memory, more is faster "
+           "where the device has room (a list for --compare)")
     a("--method", choices=METHODS, help="objective for training")
     a("--scheme", choices=SCHEMES, help="how masks are drawn")
     a("--steps", type=_number(int, 1), help="RL steps")
@@ -1132,7 +1192,9 @@ def build_parser():
     a("--shifted-logits", choices=("auto", "yes", "no"),
       help="read token i's prediction at position i-1, as Dream does (auto: by model type)")
     a("--response-length", type=_number(int, 1),
-      help="response tokens with --model (default: the longest answer + 1)")
+      help="response tokens: the answer, then end tokens (default: the answer's length "
+           "for the toy, whose warm start is then trained at this length; the longest "
+           "answer + 1 with --model)")
     a("--digits", type=_number(int, 2, 9), help="operand digits of the task")
     a("--test-size", type=_number(int, 1), help="test problems")
     a("--lora-rank", type=_number(int, 1), metavar="R",
@@ -1156,7 +1218,7 @@ def build_parser():
 
 
 RESUMABLE = ("steps", "device", "save_every", "trust_remote_code",  # what --resume may change
-             "sync_each_sample")
+             "sync_each_sample", "mc_batch", "mc_batches")
 EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's batch, unless given
 
 
@@ -1182,7 +1244,8 @@ def parse_args(parser, argv):
                 "out": args["resume"]}
     if args["explain"]:
         args.update({k: v for k, v in EXPLAIN.items() if k not in given})
-    cfg = Config(**{**args, "sample_counts": tuple(args["sample_counts"])})
+    cfg = Config(**{**args, "sample_counts": tuple(args["sample_counts"]),
+                    "mc_batches": tuple(args["mc_batches"])})
     check_flags(cfg, parser)
     return cfg, checkpoint
 
@@ -1214,6 +1277,8 @@ def check_flags(cfg, parser):
         if len(cfg.sample_counts) != 1:
             parser.error("--samples takes one n_t when training "
                          "(lists are for --compare / --grad-stats)")
+        if len(cfg.mc_batches) != 1:
+            parser.error("--mc-batch takes one K when training (lists are for --compare)")
         if cfg.prompts % cfg.updates_per_batch:
             parser.error(f"--updates-per-batch {cfg.updates_per_batch} must divide "
                          f"--prompts {cfg.prompts}")
@@ -1411,7 +1476,8 @@ def load_model_and_task(cfg, parser, path, source):
     checkpoint at path; `source` names the flag that gave it, for errors."""
     try:
         if path is None:
-            return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size)[:3]
+            return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
+                                       response_length=cfg.response_length)[:3]
         task = toy_dllm.make_task(cfg.digits, cfg.test_size)
     except ValueError as e:
         parser.error(str(e))

@@ -49,6 +49,7 @@ hf_logging.disable_progress_bar()  # no "Loading weights" bar on every load
 
 WARM_START = dict(
     n_digits=2,         # digits per operand: "37+48=" -> "085"
+    response_length=None,  # answer + end tokens up to this many; None: the answer alone
     n_test=1000,        # held-out problems for greedy test accuracy
     seed=0,             # one seed for the data split, the init and training
     hidden_size=128,    # BERT config: about 0.55M parameters in all
@@ -118,15 +119,20 @@ def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
 
 
 def decode_responses(tokenizer, responses):
-    """Token ids (B, L) -> answer strings, special tokens and spaces dropped."""
-    texts = tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
+    """Token ids (B, L) -> answer strings: the tokens before the first end
+    token (what follows it is not read, as LLaDA's decoding does), special
+    tokens and spaces dropped."""
+    end = end_token_id(tokenizer)
+    rows = [row[:row.index(end)] if end in row else row for row in responses.tolist()]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     return ["".join(t.split()) for t in texts]
 
 
 def exact_match_reward(task, tokenizer, problems, responses):
     """1.0 where the decoded response equals the true answer, else 0.0.
 
-    The rule is strict: "085" is right for 37+48, "85" and "0850" are wrong.
+    The rule is strict: "085" is right for 37+48, "85" and "0850" are wrong,
+    and so is "08", end token, "5": the answer ends at the first end token.
     Returns Float (B,).
     """
     said = decode_responses(tokenizer, responses)
@@ -463,13 +469,16 @@ def warm_start_path(settings):
 
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
-             target_accuracy=None, eval_every=10, n_val=500):
+             target_accuracy=None, eval_every=10, n_val=500, length=None):
     """Supervised masked-diffusion training on the task's train problems.
 
     Stops after max_steps, or as soon as greedy accuracy on n_val held-out
     *train* problems reaches target_accuracy (checked every eval_every steps;
-    the test problems are never looked at). Returns the number of steps taken.
+    the test problems are never looked at). length: the response length, the
+    answer then end tokens (default: the answer's). Returns the number of
+    steps taken.
     """
+    length = task.answer_length if length is None else length
     g = torch.Generator().manual_seed(seed)
     val, train = task.train[:n_val], task.train[n_val:]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -478,7 +487,7 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
         model.train()
         problems = train[torch.randint(len(train), (batch_size,), generator=g)]  # (B, 2)
         prompts = encode_prompts(tokenizer, task.prompts(problems))          # (B, Lp)
-        responses = encode_responses(tokenizer, task.answers(problems), task.answer_length)
+        responses = encode_responses(tokenizer, task.answers(problems), length)  # (B, L)
         t = 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=g)        # (B,), t > 0
         mask = forward_mask(responses, t, generator=g)                       # (B, L)
         loss = diffusion_loss(model, prompts, responses, t, mask, mask_id)
@@ -487,7 +496,7 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
         opt.step()
         if target_accuracy is not None and step % eval_every == 0:
             model.eval()
-            if evaluate(model, tokenizer, task, val)[0] >= target_accuracy:
+            if evaluate(model, tokenizer, task, val, length=length)[0] >= target_accuracy:
                 break
     model.eval()
     return step
@@ -496,9 +505,10 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
 def warm_start(verbose=True, **overrides):
     """The warm-start model and tokenizer: loaded from the cache, or trained.
 
-    Training takes about 12 s on 2 CPU cores. The checkpoint directory is
-    written with save_pretrained under a temporary name and renamed into
-    place, so an interrupted run never leaves a half-written cache entry.
+    Training takes about half a minute on 2 CPU cores at the default response
+    length. The checkpoint directory is written with save_pretrained under a
+    temporary name and renamed into place, so an interrupted run never leaves
+    a half-written cache entry.
     Returns (model, tokenizer, task, settings).
     """
     settings = {**WARM_START, **overrides}
@@ -506,20 +516,26 @@ def warm_start(verbose=True, **overrides):
     if unknown:
         raise ValueError(f"unknown warm-start setting(s): {sorted(unknown)}")
     task = make_task(settings["n_digits"], settings["n_test"], settings["seed"])
+    length = settings["response_length"] or task.answer_length
+    if length < task.answer_length:
+        raise ValueError(f"response length {length} is shorter than the "
+                         f"{task.answer_length}-token answer")
+    if length == task.answer_length:  # one cache entry for the answer's own length
+        settings["response_length"] = None
     path = warm_start_path(settings)
     if os.path.isdir(path):
         model = AutoModelForMaskedLM.from_pretrained(path).eval()
         return model, AutoTokenizer.from_pretrained(path), task, settings
     t0 = time.time()
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, max_length=3 * task.n_digits + 3, seed=settings["seed"],
+    model = build_model(tokenizer, max_length=2 * task.n_digits + 2 + length, seed=settings["seed"],
                         hidden_size=settings["hidden_size"], num_layers=settings["num_layers"],
                         num_heads=settings["num_heads"],
                         intermediate_size=settings["intermediate_size"])
     steps = pretrain(model, tokenizer, task, settings["max_steps"], settings["batch_size"],
                      settings["lr"], seed=settings["seed"],
                      target_accuracy=settings["target_accuracy"],
-                     eval_every=settings["eval_every"])
+                     eval_every=settings["eval_every"], length=length)
     os.makedirs(cache_dir(), exist_ok=True)
 
     def save(tmp):

@@ -51,6 +51,11 @@ def tokenizer():
     return toy_dllm.build_tokenizer()
 
 
+# a warm start of tiny_model's size, 20 steps: seconds, for the plumbing of a setting
+TINY_WARM_START = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                       target_accuracy=None, max_steps=20, batch_size=64, n_test=200)
+
+
 def tiny_model(tokenizer, seed=0, dtype=torch.float32, max_length=16):
     """A randomly initialised toy-sized masked LM (smaller than the real toy)."""
     model = toy_dllm.build_model(tokenizer, max_length=max_length, seed=seed, hidden_size=32,

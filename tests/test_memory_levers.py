@@ -114,9 +114,18 @@ def test_bad_lora_flags_are_one_line_errors(warm, args, words, capsys):
 
 def test_activation_budget_stops_before_anything_is_written_naming_what_fits(warm, tmp_path,
                                                                             capsys):
-    rows = bgpo.compare(toy_policy(warm), bgpo.Config(prompts=2, group=4), [2, 3], repeats=1)
+    rows = bgpo.compare(toy_policy(warm), bgpo.Config(prompts=2, group=4, mc_batches=(1, 2)),
+                        [2, 3], repeats=1)
     naive = {r["samples"]: r["peak_activation_bytes"] / 2**20 for r in rows
              if r["method"] == "naive"}
+    # --mc-batch K: BGPO's samples K to a forward pass, K times the memory, the same gradient
+    bgpo_rows = {(r["samples"], r["mc_batch"]): r for r in rows if r["method"] == "bgpo"}
+    assert set(bgpo_rows) == {(2, 1), (2, 2), (3, 1), (3, 2)}
+    for n in (2, 3):
+        one, two = bgpo_rows[n, 1], bgpo_rows[n, 2]
+        assert two["peak_activation_bytes"] == pytest.approx(2 * one["peak_activation_bytes"],
+                                                             rel=0.05)
+        assert one["grad_max_abs_diff"] < 1e-6 and two["grad_max_abs_diff"] < 1e-6
     budget = str((naive[2] + naive[3]) / 2)  # n_t = 2 fits, 3 does not
     args = ["--prompts", "2", "--group", "4", "--steps", "1", "--samples", "8",
             "--activation-budget", budget, "--out", str(tmp_path / "run")]

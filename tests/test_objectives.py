@@ -65,6 +65,30 @@ def test_bgpo_and_two_pass_equal_naive_on_policy(model64, n):
         assert torch.allclose(g, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
 
 
+@pytest.mark.parametrize("method", bgpo.METHODS)
+def test_on_policy_old_terms_from_the_same_forward_are_the_passed_ones(model64, method):
+    """old_terms=None (one update per rollout: the loss's own forward gives
+    them) is bit for bit the call with the old terms computed beforehand;
+    several samples per forward (mc_batch) the same up to rounding, also
+    off-policy."""
+    batch = make_batch()
+    masks, weights, old = masks_and_old_terms(model64, batch, 4)
+    value, grad = grads_of(model64, method, batch, masks, weights, old)
+    assert grad.abs().max() > 0
+    same_forward = grads_of(model64, method, batch, masks, weights, None)
+    assert same_forward[0] == value and torch.equal(same_forward[1], grad)
+    perturb(model64, 0.05)
+    off = grads_of(model64, method, batch, masks, weights, old)
+    for k in (2, 3, 4):  # 3: the last forward takes the one sample left
+        prompts, responses, advantages = batch
+        model64.zero_grad(set_to_none=True)
+        v = bgpo.policy_loss_backward(model64, prompts, responses, advantages, masks, weights,
+                                      old, MASK, method=method, mc_batch=k)
+        assert v == pytest.approx(off[0], rel=1e-9, abs=1e-12)
+        assert torch.allclose(bgpo.flat_grad(model64), off[1], rtol=1e-9,
+                              atol=1e-12 * off[1].abs().max())
+
+
 def test_on_policy_value_is_minus_mean_advantage(model64):
     batch = make_batch()
     masks, weights, old = masks_and_old_terms(model64, batch, 4)
@@ -293,17 +317,22 @@ class MaskCountSensitive(torch.nn.Module):
 
 @pytest.mark.parametrize("scheme", bgpo.SCHEMES)
 @pytest.mark.parametrize("n", [2, 4])
-def test_monte_carlo_elbo_matches_exact_enumeration(scheme, n):
+@pytest.mark.parametrize("response", [[3, 7, 5], [3, 7, 5, 12, 12, 12, 12]],
+                         ids=["answer", "answer+end_tokens"])
+def test_monte_carlo_elbo_matches_exact_enumeration(scheme, n, response):
+    """Also at a fixed length beyond the answer (12 is the end token): the
+    ELBO then runs over the end tokens too, as LLaDA's does."""
     model = MaskCountSensitive()
-    prompt, response = random_batch(1, 6, 3, seed=5)
-    response = torch.tensor([[3, 7, 5]])  # never token 0: log p falls with every [MASK]
+    prompt, _ = random_batch(1, 6, 3, seed=5)
+    response = torch.tensor([response])  # never token 0: log p falls with every [MASK]
+    L = response.shape[1]
     with torch.no_grad():
         exact = exact_elbo(model, prompt, response)
         R = 4000  # independent estimates, each the mean of n_t samples
-        masks, weights = bgpo.sample_masks(response.expand(R, 3), n,
+        masks, weights = bgpo.sample_masks(response.expand(R, L), n,
                                            torch.Generator().manual_seed(1), scheme)
-        est = bgpo.elbo_terms(model, prompt.expand(R, 6), response.expand(R, 3),
-                              masks, weights, MASK).mean(0)                  # (R,)
+        est = bgpo.elbo_terms(model, prompt.expand(R, 6), response.expand(R, L),
+                              masks, weights, MASK, mc_batch=n).mean(0)      # (R,)
     se = est.std() / math.sqrt(R)
     assert abs(est.mean().item() - exact) < 4 * se.item()
     assert exact < -10

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import bgpo
+import toy_dllm
+from conftest import TINY_WARM_START
 
 # a short run; test evaluation (most of its time) only before and after
 SMALL = ["--steps", "3", "--prompts", "4", "--group", "4", "--samples", "2"]
@@ -94,13 +96,29 @@ def test_same_seed_gives_identical_metrics(warm, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [
     ["--method", "naive", "--updates-per-batch", "2"],
-    ["--method", "two_pass", "--clip", "0.2", "--scheme", "uniform_t", "--temperature", "0"],
+    ["--method", "two_pass", "--clip", "0.2", "--scheme", "uniform_t", "--temperature", "0",
+     "--mc-batch", "2"],
 ])
 def test_variants_run(warm, tmp_path, capsys, extra):
     status, _ = run(SMALL + extra + ["--out", str(tmp_path / "run")], capsys)
     assert status == 0
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["skipped_updates"] == 0
+
+
+def test_toy_at_a_response_length_trains_its_warm_start_there_and_runs(tmp_path, capsys,
+                                                                       monkeypatch):
+    """--response-length on the toy: a warm start of that length (tiny here),
+    block-wise rollouts of answer + end tokens, the length saved with the model."""
+    monkeypatch.setattr(toy_dllm, "WARM_START", {**toy_dllm.WARM_START, **TINY_WARM_START})
+    out = tmp_path / "run"
+    status, _ = run(SMALL + ["--response-length", "8", "--block-length", "4",
+                             "--sampler-steps", "4", "--test-size", "200", "--out", str(out)],
+                    capsys)
+    assert status == 0
+    assert json.load(open(out / "run.json"))["response_length"] == 8
+    assert json.load(open(out / "model" / bgpo.SAVED_SETTINGS))["response_length"] == 8
+    assert len(read_metrics(out)) == 3
 
 
 def test_bgpo_and_naive_runs_match_on_policy(warm, tmp_path, capsys):
@@ -119,7 +137,7 @@ def test_bgpo_and_naive_runs_match_on_policy(warm, tmp_path, capsys):
     ("--updates-per-batch", "0"), ("--clip", "0"), ("--clip", "1.5"), ("--eval-every", "0"),
     ("--samples", "0"), ("--samples", "4,0"), ("--samples", "a"), ("--save-every", "0"),
     ("--mask-id", "-2"), ("--response-length", "0"), ("--digits", "0"), ("--test-size", "0"),
-    ("--perturb", "-1"), ("--max-grad-norm", "0"), ("--method", "ppo"), ("--scheme", "sorted"), ("--device", "tpu"),
+    ("--perturb", "-1"), ("--max-grad-norm", "0"), ("--mc-batch", "0"), ("--method", "ppo"), ("--scheme", "sorted"), ("--device", "tpu"),
 ])
 def test_numeric_flags_are_range_checked(flag, value, capsys):
     status, err = run([flag, value], capsys)
@@ -130,6 +148,8 @@ def test_numeric_flags_are_range_checked(flag, value, capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["--samples", "4,8"], "--samples"),
+    (["--mc-batch", "1,4"], "--mc-batch"),
+    (["--response-length", "2"], "shorter than the 3-token answer"),
     (["--prompts", "5", "--updates-per-batch", "2"], "--updates-per-batch"),
     (["--save-every", "2"], "--save-every needs --out"),
     (["--block-length", "2"], "--block-length"),

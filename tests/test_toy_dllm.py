@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import toy_dllm
-from conftest import random_batch, tiny_model
+from conftest import TINY_WARM_START, random_batch, tiny_model
 
 
 class RecordingModel(torch.nn.Module):
@@ -70,6 +70,39 @@ def test_exact_match_reward_is_strict(tokenizer):
     wide = torch.cat([responses, torch.full((4, 1), pad)], 1)
     wide[3, 3] = tokenizer.convert_tokens_to_ids("0")
     assert toy_dllm.exact_match_reward(task, tokenizer, problems, wide).tolist() == [1, 0, 0, 0]
+
+
+def test_reward_at_a_fixed_length_reads_the_answer_up_to_the_first_end_token(tokenizer):
+    """--response-length 8: the answer, then end tokens ([PAD]) up to 8."""
+    task = toy_dllm.make_task()
+    problems = torch.tensor([[37, 48]] * 5)
+    ids = lambda text: [tokenizer.convert_tokens_to_ids(c) for c in text]
+    pad = tokenizer.pad_token_id
+    rows = [ids("085") + [pad] * 5,            # right
+            ids("08") + [pad] + ids("5") + [pad] * 4,  # the answer ends at the first end token
+            ids("085") + [pad] + ids("7") + [pad] * 3,  # what follows the end is not read
+            ids("0850") + [pad] * 4,           # too long
+            ids("08") + [pad] * 6]             # too short
+    reward = toy_dllm.exact_match_reward(task, tokenizer, problems, torch.tensor(rows))
+    assert reward.tolist() == [1, 0, 1, 0, 0]
+
+
+def test_warm_start_at_a_response_length_learns_the_end_tokens():
+    """The warm start is trained at the response length it is asked for (its
+    cache key holds it): after a few steps a greedy answer of 8 tokens ends
+    in end tokens, which no model trained on 3-token answers could know."""
+    model, tokenizer, task, settings = toy_dllm.warm_start(verbose=False, response_length=8,
+                                                           **TINY_WARM_START)
+    assert settings["response_length"] == 8
+    assert model.config.max_position_embeddings >= 6 + 8
+    assert toy_dllm.warm_start_path(settings) != toy_dllm.warm_start_path(
+        {**settings, "response_length": None})
+    prompts = toy_dllm.encode_prompts(tokenizer, task.prompts(task.test))
+    out = toy_dllm.generate(model, prompts, tokenizer.mask_token_id, 8, block_length=4, steps=4)
+    assert out.shape == (200, 8)
+    assert (out[:, 3:] == tokenizer.pad_token_id).float().mean() > 0.95
+    with pytest.raises(ValueError, match="shorter than the 3-token answer"):
+        toy_dllm.warm_start(verbose=False, response_length=2)
 
 
 def test_tokenizer_round_trip(tokenizer):
