@@ -89,6 +89,44 @@ def test_on_policy_old_terms_from_the_same_forward_are_the_passed_ones(model64, 
                               atol=1e-12 * off[1].abs().max())
 
 
+class RowCounter(torch.nn.Module):
+    """Wraps a masked LM and counts the rows of every forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, input_ids, **kwargs):
+        self.rows += input_ids.shape[0]
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["bgpo", "two_pass"])
+def test_repeated_masks_are_computed_once_with_the_same_gradient(model64, method):
+    """3-token responses have 7 non-empty masks: 16 samples repeat some. Each
+    distinct one is computed once, and the gradient is the one computed the
+    obvious way, over all 16 (off-policy, where the counts enter non-linearly)."""
+    prompts, responses = random_batch(12, 6, 3, seed=3)
+    batch = (prompts, responses, make_batch()[2])
+    masks, weights, old = masks_and_old_terms(model64, batch, 16)
+    perturb(model64, 0.05)
+    model64.zero_grad(set_to_none=True)
+    terms = bgpo.elbo_terms(model64, prompts, responses, masks, weights, MASK)  # all 16
+    if method == "bgpo":
+        obvious = -bgpo.bgpo_sample_objective(terms, old, batch[2], 16).sum(0).mean()
+    else:
+        obvious = -bgpo.naive_objective(terms, old, batch[2]).mean()
+    obvious.backward()
+    expected = bgpo.flat_grad(model64).clone()
+    counter = RowCounter(model64)
+    _, g = grads_of(counter, method, batch, masks, weights, old)
+    assert torch.allclose(g, expected, rtol=1e-9, atol=1e-12 * expected.abs().max())
+    distinct = sum(len({tuple(masks[j, i].tolist()) for j in range(16)}) for i in range(12))
+    assert distinct <= 7 * 12
+    with_grad = counter.rows - (16 * 12 if method == "two_pass" else 0)  # two_pass: pass 1
+    assert distinct <= with_grad <= distinct + 16  # + 1 row for a sample with only repeats
+
+
 def test_on_policy_value_is_minus_mean_advantage(model64):
     batch = make_batch()
     masks, weights, old = masks_and_old_terms(model64, batch, 4)
