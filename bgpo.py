@@ -396,7 +396,8 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                            backwards -(1/B) sum_i c_i l_ij / n_t on its own;
         clip: PPO epsilon, or None (the paper) for no clipping;
         prompt_mask: Bool (B, Lp), False at left padding, or None (no padding);
-        mc_batch: K, samples per forward pass (K copies of the batch at once):
+        mc_batch: K, samples per forward pass (K copies of the batch at once;
+            where samples repeat, as many as have K * B rows to compute):
             K = 1 is BGPO's least memory, K = n_t one pass like the naive
             objective's; the same gradient, up to floating-point rounding.
     Returns:
@@ -419,19 +420,42 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
     not computed again: the first copy counts for all (repeat_counts)."""
     n = masks.shape[0]
     counts = repeat_counts(masks, weights)                               # (n, B), 0: a repeat
+    groups = sample_groups(counts, mc_batch)
     total = 0.0
-    for j in range(0, n, mc_batch):
-        k = slice(j, j + mc_batch)                                       # samples j .. j+K-1
+    for k in groups:                                                     # samples k.start..k.stop-1
         keep = first_copies(counts[k])                                   # (K, B)
         terms = _elbo_terms_at_once(model, prompts, responses, masks[k], weights[k], mask_id,
                                     prompt_mask, keep)                   # (K, B), with a graph
         old = terms.detach() if old_terms is None else old_terms[k] * keep  # d = 0: on-policy,
         g = bgpo_sample_objective(terms, old, advantages, n, clip)          # or a repeat
         loss_k = -(counts[k] * g).mean(-1).sum()
-        sync_gradients(model, last=j + mc_batch >= n)                    # torchrun only
+        sync_gradients(model, last=k == groups[-1])                      # torchrun only
         loss_k.backward()                                                # frees their graph
         total += loss_k.item()
     return total
+
+
+def sample_groups(counts, mc_batch):
+    """The samples that share a forward pass: consecutive slices of the n_t,
+    each with at most mc_batch * B rows to compute (so at most mc_batch
+    samples' memory). Without repeats that is mc_batch samples a pass; with
+    them, later samples have few rows left, and several share one pass.
+    Under torchrun every rank must make the same passes: mc_batch each.
+
+    >>> counts = torch.tensor([[1, 1], [1, 1], [2, 0], [0, 0], [1, 0], [1, 1]])
+    >>> sample_groups(counts, 1)  # rows to compute: 2, 2, 1, 0, 1, 2
+    [slice(0, 1, None), slice(1, 2, None), slice(2, 5, None), slice(5, 6, None)]
+    """
+    n, B = counts.shape
+    if world()[1] > 1:
+        return [slice(j, j + mc_batch) for j in range(0, n, mc_batch)]
+    groups, start, rows = [], 0, 0
+    for j, r in enumerate((counts > 0).sum(1).tolist()):
+        if rows + r > mc_batch * B:
+            groups.append(slice(start, j))
+            start, rows = j, 0
+        rows += r
+    return groups + [slice(start, n)]
 
 
 def first_copies(counts):
@@ -474,12 +498,12 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
     objective = clipped(torch.exp(mean_d), advantages, clip)             # (B,)
     coef, = torch.autograd.grad(objective.sum(), mean_d)                 # A e^{m} unclipped
     counts = repeat_counts(masks, weights)                               # as in bgpo_loss_backward
-    for j in range(0, n, mc_batch):
-        k = slice(j, j + mc_batch)
+    groups = sample_groups(counts, mc_batch)
+    for k in groups:
         terms = _elbo_terms_at_once(model, prompts, responses, masks[k], weights[k], mask_id,
                                     prompt_mask, first_copies(counts[k]))  # (K, B)
         loss_k = -(coef * counts[k] * terms).mean(-1).sum() / n
-        sync_gradients(model, last=j + mc_batch >= n)
+        sync_gradients(model, last=k == groups[-1])
         loss_k.backward()
     return -objective.mean().item()
 
@@ -1208,8 +1232,8 @@ def build_parser():
     a("--samples", type=_sample_counts, action=_FirstAndList, metavar="N[,N...]",
       help="n_t, Monte-Carlo samples per response (a list for --compare / --grad-stats)")
     a("--mc-batch", type=_sample_counts, action=_FirstAndList, metavar="K[,K...]",
-      help="Monte-Carlo samples per forward pass: 1 uses the least memory, more is faster "
-           "where the device has room (a list for --compare)")
+      help="Monte-Carlo samples per forward pass (K x the batch's rows): 1 uses the least "
+           "memory, more is faster where the device has room (a list for --compare)")
     a("--method", choices=METHODS, help="objective for training")
     a("--scheme", choices=SCHEMES, help="how masks are drawn")
     a("--steps", type=_number(int, 1), help="RL steps")
