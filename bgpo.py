@@ -69,7 +69,7 @@ class Config:
     clip: float = None             # PPO epsilon; None: no clipping (the paper)
     length_norm: bool = False      # divide each l_j by the response length (official code)
     # the GRPO loop
-    steps: int = 300               # RL steps
+    steps: int = 275               # RL steps
     prompts: int = 16              # prompts per step
     group: int = 8                 # G, responses per prompt
     lr: float = 1e-4               # AdamW learning rate
