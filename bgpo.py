@@ -247,19 +247,15 @@ def _elbo_terms_at_once(model, prompts, responses, masks, weights, mask_id, prom
     has room (a GPU), at K times one pass's activation memory.
     keep: Bool (K, B) or None: only these rows are computed, the others are 0."""
     K, B, L = masks.shape
-    if keep is not None and not keep.all():
-        rows = keep.flatten().nonzero().squeeze(1)                       # of the K B rows
-        b = rows % B                                                     # their responses
-        terms = _elbo_term(model, prompts[b], responses[b], masks.reshape(K * B, L)[rows],
-                           weights.reshape(K * B)[rows], mask_id,
-                           None if prompt_mask is None else prompt_mask[b])
-        return terms.new_zeros(K * B).index_put((rows,), terms).view(K, B)
-    if K == 1:
-        return _elbo_term(model, prompts, responses, masks[0], weights[0], mask_id,
-                          prompt_mask)[None]
-    copies = lambda x: None if x is None else x.repeat(K, 1)            # (K B, .)
-    return _elbo_term(model, copies(prompts), copies(responses), masks.reshape(K * B, L),
-                      weights.reshape(K * B), mask_id, copies(prompt_mask)).view(K, B)
+    rows = (torch.arange(K * B, device=masks.device) if keep is None
+            else keep.flatten().nonzero().squeeze(1))                    # of the K B rows
+    b = rows % B                                                         # their responses
+    terms = _elbo_term(model, prompts[b], responses[b], masks.reshape(K * B, L)[rows],
+                       weights.reshape(K * B)[rows], mask_id,
+                       None if prompt_mask is None else prompt_mask[b])
+    if len(rows) < K * B:
+        terms = terms.new_zeros(K * B).index_put((rows,), terms)
+    return terms.view(K, B)
 
 
 def repeat_counts(masks, weights):
