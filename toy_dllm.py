@@ -26,7 +26,6 @@ LLaDA: all it uses is `model(input_ids=...).logits` of shape (B, T, V).
 """
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -215,78 +214,24 @@ def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
 
 
 def forward_logits(model, input_ids, attention_mask=None):
-    """model(input_ids).logits, aligned so that position i predicts token i;
-    a float32 model on CUDA runs in bfloat16 autocast.
+    """model(input_ids).logits, (B, T, V): position i predicts token i. A
+    float32 model on CUDA runs in bfloat16 autocast.
 
+    attention_mask: Bool (B, T), False at left padding, or None (no padding).
+    It is passed the transformers way, as a 2-D attention_mask, with
+    position_ids that count from each row's first real token: a padded prompt
+    then reads like the prompt alone. A model that reads padding or positions
+    another way is wrapped once, where it is loaded (real_dllm.MaskedLM).
     Autocast is switched on here, around the forward pass only, so that
     backward runs outside it and CPU (and float64) models stay exact.
-    attention_mask: Bool (B, T), False at left padding, or None (no padding).
     """
     use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
-    extra = {} if attention_mask is None else padding_inputs(model, attention_mask)
+    padding = {}
+    if attention_mask is not None:
+        real = attention_mask.long()                                       # (B, T)
+        padding = dict(attention_mask=real, position_ids=(real.cumsum(-1) - 1).clamp(min=0))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        logits = model(input_ids=input_ids, **extra).logits                 # (B, T, V)
-    if predicts_shifted(model):  # the prediction for token i sits at position i - 1
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    return logits
-
-
-def predicts_shifted(model):
-    """True for a masked LM adapted from an autoregressive one (Dream, and
-    models built on it) that predicts token i from position i - 1: its config
-    says `shifted_logits` (bgpo.load_policy sets it; it is saved with it)."""
-    return bool(getattr(getattr(model, "config", None), "shifted_logits", False))
-
-
-def padding_inputs(model, attention_mask):
-    """What makes a left-padded sequence read like the unpadded one: a mask
-    that hides the padding from attention, and positions that count from each
-    row's first real token (where the forward takes position_ids).
-
-    The mask's form is the model's `padding_mask_form` attribute, found by
-    find_padding_mask: "2d" (B, T), the transformers convention; "4d"
-    (B, 1, T, T) booleans, for code that takes only those (Dream); "none" for
-    a model that cannot hide padding (LLaDA ignores its attention_mask): it
-    then reads the padding as tokens, as its own batched sampling does. A
-    model without the attribute gets a 2-D mask if its forward names one.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    takes = inspect.signature(base.forward).parameters
-    form = getattr(model, "padding_mask_form", "2d" if "attention_mask" in takes else "none")
-    extra = {}
-    if form == "2d":
-        extra["attention_mask"] = attention_mask.long()                          # (B, T)
-    elif form == "4d":  # row i of (T, T) is what position i may attend to
-        T = attention_mask.shape[1]
-        extra["attention_mask"] = attention_mask[:, None, None, :].expand(-1, 1, T, T)
-    if form != "none" and "position_ids" in takes:
-        extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return extra
-
-
-@torch.no_grad()
-def find_padding_mask(model, pad_ids, token_id):
-    """Set and return model.padding_mask_form: the first of "2d", "4d" that the
-    forward accepts and that hides padding, else "none".
-
-    The test: two rows that differ only in their padding token (pad_ids, two
-    distinct ids), followed by the same real tokens; the mask hides the
-    padding if the real tokens' logits come out the same.
-    """
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad_ids[0]] + [token_id] * 3, [pad_ids[1]] + [token_id] * 3],
-                       device=device)
-    real = torch.tensor([[False, True, True, True]] * 2, device=device)
-    for form in ("2d", "4d"):
-        model.padding_mask_form = form
-        try:
-            logits = model(input_ids=ids, **padding_inputs(model, real)).logits.float()
-        except (TypeError, ValueError, RuntimeError):  # the forward refuses this form
-            continue
-        if torch.allclose(logits[0, 1:], logits[1, 1:], rtol=1e-4, atol=1e-5):
-            return form
-    model.padding_mask_form = "none"
-    return "none"
+        return model(input_ids=input_ids, **padding).logits                 # (B, T, V)
 
 
 def with_response(prompt_mask, length):

@@ -51,9 +51,9 @@ def rope_default_of_transformers_4():
     "default" entry; building its random weights here needs it back."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    import bgpo
+    import real_dllm
     added = "default" not in ROPE_INIT_FUNCTIONS
-    ROPE_INIT_FUNCTIONS.setdefault("default", bgpo.default_rope_parameters)
+    ROPE_INIT_FUNCTIONS.setdefault("default", real_dllm.default_rope_parameters)
     try:
         yield
     finally:

@@ -287,7 +287,7 @@ def test_saved_model_loads_back_with_model_flag_alone(saved_run, capsys):
                        "--prompts", "2", "--group", "2"], capsys)
     assert status == 0, err
     args, _ = bgpo.parse_args(bgpo.build_parser(), ["--model", str(saved_run / "model")])
-    policy = bgpo.load_policy(args, bgpo.build_parser(), torch.device("cpu"))
+    policy = bgpo.load_policy(args, torch.device("cpu"))
     assert policy.response_length == 3 and policy.mask_id == 13
 
 

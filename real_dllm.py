@@ -1,0 +1,507 @@
+"""What a real diffusion LM on GPUs needs, kept out of the algorithm's way.
+
+bgpo.py reads like the paper; it calls this module only where a model is
+loaded, wrapped, sharded or saved. Everything downstream of those calls sees
+a plain masked LM: model(input_ids, attention_mask, position_ids).logits,
+(B, T, V), position i predicting token i (toy_dllm.forward_logits).
+
+  1. MaskedLM: one adapter that presents any masked LM that way (Dream reads
+     its logits shifted and takes only a 4-D padding mask; LLaDA ignores its
+     padding mask).
+  2. load_checkpoint: a checkpoint, with model code that shipped with it and
+     was written for transformers 4.x adjusted to run under the pinned 5.x.
+  3. Memory levers: LoRA adapters (peft) and activation checkpointing.
+  4. torchrun + FSDP2: start-up, sharding, and full state gathered for saving.
+
+This module does not import bgpo.py. Its functions raise ValueError for a
+checkpoint or setting that cannot be used; bgpo.py's main says it in one line.
+"""
+
+import inspect
+import os
+import sys
+import types
+import warnings
+
+import torch
+import torch.distributed as dist
+
+SHIFTED_MODEL_TYPES = ("dream",)  # adapted from autoregressive LMs: token i is predicted at i - 1
+
+# -----------------------------------------------------------------------------
+# 1. The adapter: ids and a 2-D padding mask in, aligned logits out
+
+
+class MaskedLM(torch.nn.Module):
+    """A masked LM that reads padding or positions its own way, presented as
+    the project reads one (toy_dllm.forward_logits): input_ids (B, T), and
+    optionally attention_mask (B, T), 0 at left padding, with position_ids.
+
+    shifted: the model predicts token i at position i - 1 (Dream, and models
+        built on it, adapted from autoregressive LMs); logits are moved one
+        place right so that position i predicts token i.
+    padding: how the model hides padding (padding_form): "2d" (B, T), the
+        transformers convention; "4d" (B, 1, T, T) booleans, for code that
+        takes only those (Dream); "none" for a model that cannot (LLaDA
+        ignores its attention_mask): it then reads the padding as tokens, as
+        its own batched sampling does.
+    """
+
+    def __init__(self, model, shifted=False, padding="2d"):
+        super().__init__()
+        self.model, self.shifted, self.padding = model, shifted, padding
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        self.takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        extra = {}
+        if attention_mask is not None and self.padding != "none":
+            if self.padding == "4d":  # row i of (T, T) is what position i may attend to
+                T = attention_mask.shape[1]
+                attention_mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, T, T)
+            extra["attention_mask"] = attention_mask
+            if self.takes_positions and position_ids is not None:
+                extra["position_ids"] = position_ids
+        logits = self.model(input_ids=input_ids, **extra).logits                 # (B, T, V)
+        if self.shifted:  # the prediction for token i sits at position i - 1
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return types.SimpleNamespace(logits=logits)
+
+
+def adapt(model, shifted=False):
+    """model itself where it reads like a plain masked LM, else model wrapped
+    in a MaskedLM that makes it read like one."""
+    padding = padding_form(model)
+    wrapped = MaskedLM(model, shifted, padding)
+    plain = padding == "2d" and wrapped.takes_positions and not shifted
+    return model if plain else wrapped
+
+
+@torch.no_grad()
+def padding_form(model):
+    """The first of "2d", "4d" that the model's forward accepts and that hides
+    padding, else "none". The test: two rows that differ only in their padding
+    token, followed by the same tokens; a mask hides the padding if the real
+    tokens' logits come out the same."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[0, 2, 2, 2], [1, 2, 2, 2]], device=device)
+    real = torch.tensor([[0, 1, 1, 1]] * 2, device=device)
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    for form in ("2d", "4d"):
+        try:
+            logits = MaskedLM(model, padding=form)(ids, real, positions).logits.float()
+        except (TypeError, ValueError, RuntimeError):  # the forward refuses this form
+            continue
+        if torch.allclose(logits[0, 1:], logits[1, 1:], rtol=1e-4, atol=1e-5):
+            return form
+    return "none"
+
+
+def hides_padding(model):
+    """False for a model that reads left padding as tokens (padding "none")."""
+    return not isinstance(model, MaskedLM) or model.padding != "none"
+
+
+def reads_shifted(model):
+    return isinstance(model, MaskedLM) and model.shifted
+
+
+def unwrap(model):
+    """The transformers (or peft) model inside the adapter: what saves, shards
+    and takes adapters."""
+    return model.model if isinstance(model, MaskedLM) else model
+
+
+def rewrap(model, inner):
+    """inner in the place of unwrap(model), with the same adapter around it."""
+    return MaskedLM(inner, model.shifted, model.padding) if isinstance(model, MaskedLM) else inner
+
+
+def base_model(model):
+    """The transformers model under the adapter and any LoRA adapters."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+# -----------------------------------------------------------------------------
+# 2. Loading and saving a checkpoint
+
+
+def load_checkpoint(path, trust_remote_code=False, shifted="auto"):
+    """(model, tokenizer) from a directory or hub name, adapted (adapt) so that
+    it reads like a plain masked LM. Masked-LM head first, then AutoModel
+    (LLaDA registers its diffusion LM only as AutoModel).
+
+    Weights load in float32 whatever the checkpoint holds: an RL update at a
+    small learning rate is far below bfloat16's resolution and would vanish.
+    On CUDA the forward passes still run in bfloat16 (toy_dllm.forward_logits).
+    Code shipped with the checkpoint (an `auto_map` in its config, allowed by
+    trust_remote_code) is adjusted for transformers 5.x first (section 5).
+    shifted: "auto" (by the model type, SHIFTED_MODEL_TYPES), True or False.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    looks_like_hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not os.path.exists(path) and not looks_like_hub_name:
+        raise ValueError("no such file or directory")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            shipped = trust_remote_code and bool(getattr(config, "auto_map", None))
+            if shipped:
+                adapt_shipped_code(config, path)
+            kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            try:
+                model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+            except ValueError:
+                model = AutoModel.from_pretrained(path, **kwargs)
+    except Exception as e:  # transformers raises many kinds; all mean "unusable"
+        raise ValueError(f"cannot load a masked LM and tokenizer ({first_line(e)})") from e
+    if shipped:
+        finish_shipped_model(model)
+    if shifted == "auto":
+        shifted = str(getattr(config, "model_type", "")).lower() in SHIFTED_MODEL_TYPES
+    return adapt(model.eval(), shifted), tokenizer
+
+
+def save_pretrained(model, path, state_dict=None):
+    """save_pretrained of the model inside the adapter (with LoRA: the adapters
+    only). state_dict: the full weights of a sharded model (full_state)."""
+    inner = unwrap(model)
+    inner.save_pretrained(path, state_dict=state_dict)
+    generation = getattr(inner, "generation_config", None)
+    if generation is not None and not os.path.exists(os.path.join(path, "generation_config.json")):
+        generation.save_pretrained(path)  # Dream's from_pretrained reads it back
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+# -----------------------------------------------------------------------------
+# 3. Memory levers: LoRA adapters and activation checkpointing
+
+
+def has_lora(model):
+    return hasattr(unwrap(model), "peft_config")
+
+
+def add_lora(model, rank, alpha=None, targets=None, seed=0):
+    """peft LoRA adapters of this rank on every target module; only they train.
+    targets: module names, or None for every linear layer but the output head,
+    found by its output size, the vocabulary (peft's "all-linear" finds the
+    head only where the model names it, and LLaDA's code does not). alpha:
+    updates are scaled by alpha / rank (default: rank). A model that holds
+    adapters already (loaded from a LoRA checkpoint) keeps them."""
+    if has_lora(model):
+        held = unwrap(model).peft_config["default"].r
+        if held != rank:
+            raise ValueError(f"the model holds adapters of rank {held}")
+        return model
+    import peft  # only here: importing it takes seconds
+    vocab = unwrap(model).config.vocab_size
+    targets = targets or [name for name, m in unwrap(model).named_modules()
+                          if isinstance(m, torch.nn.Linear) and m.out_features != vocab]
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0,
+                             target_modules=targets)
+    torch.manual_seed(seed)  # the adapters' random initialisation
+    try:
+        return rewrap(model, peft.get_peft_model(unwrap(model), config))
+    except ValueError as e:  # "Target modules ... not found in the base model"
+        raise ValueError(first_line(e)) from e
+
+
+def load_lora(model, path):
+    """The LoRA adapters saved in path, on model (their base), trainable."""
+    import peft
+    try:
+        return rewrap(model, peft.PeftModel.from_pretrained(unwrap(model), path, is_trainable=True))
+    except Exception as e:  # a damaged or foreign adapter: many kinds
+        raise ValueError(f"cannot load its LoRA adapters ({first_line(e)})") from e
+
+
+def set_checkpointing(model, on):
+    """transformers' activation checkpointing on or off: each layer keeps only
+    its input and recomputes the rest in backward. See eval_mode."""
+    try:
+        if on:
+            base_model(model).activation_checkpointing_enable()
+        else:
+            base_model(model).activation_checkpointing_disable()
+    except ValueError as e:  # "... does not support activation checkpointing"
+        raise ValueError(first_line(e)) from e
+    eval_mode(model)
+
+
+def eval_mode(model):
+    """model.eval(): no dropout, so old and new policy are the same network.
+    transformers checkpoints a layer only in training mode, so layers set to
+    checkpoint are put back in it: the layer alone, not its dropout, so the
+    network computes the same function."""
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", None) is True:
+            module.training = True
+
+# -----------------------------------------------------------------------------
+# 4. Many processes: torchrun + FSDP2
+#    `torchrun --nproc_per_node W bgpo.py ...` starts W copies of the script
+#    (RANK, WORLD_SIZE in their environment). FSDP2 (fully_shard) keeps 1/W of
+#    every weight, gradient and AdamW state on each rank; it all-gathers a
+#    block's weights for its forward and backward, and after each backward
+#    reduce-scatters the gradients as their mean over ranks (its default:
+#    gradients stay sharded, as an 8B model needs). Each rank's loss is a mean
+#    over its B/W responses, so that mean is the mean over all B: the gradient
+#    is the single-process gradient on the same global batch. Every forward
+#    and backward is collective: all ranks must make the same number of them.
+
+
+def world():
+    """(rank, world size); (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_by_torchrun():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device):
+    """Join the group torchrun set up: gloo on the CPU, nccl on CUDA (one GPU
+    per rank). Returns (this rank's device, whether this call joined: then
+    stop() leaves the group at the end)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if dist.is_initialized():  # a caller joined already
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def stop():
+    dist.destroy_process_group()
+
+
+def shard(model):
+    """FSDP2: each block of the model's longest layer list, then the model
+    (which keeps the rest: embeddings, head, and weights tied between them)."""
+    from torch.distributed.fsdp import fully_shard
+    inner = unwrap(model)
+    layer_lists = [m for m in inner.modules() if isinstance(m, torch.nn.ModuleList)]
+    for block in max(layer_lists, key=len, default=[]):
+        fully_shard(block)
+    fully_shard(inner)
+    return model
+
+
+def rank_generator(generator):
+    """A generator of this rank's own, seeded from `generator`, which every
+    rank advances alike: draws that differ between ranks, from a shared state."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.Generator(generator.device).manual_seed(seed + world()[0])
+
+
+def global_mean(value):
+    """The mean over ranks of a number each rank has (itself in one process)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world()[1]
+
+
+def all_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world()[1] == 1:
+        return [obj]
+    gathered = [None] * world()[1]
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def full_state(model, optimizer=None):
+    """(weights, optimizer state) to save. In one process: None (the model's
+    own) and optimizer.state_dict(); under torchrun both gathered whole on the
+    CPU, so every rank must call it, and rank 0 saves them."""
+    if world()[1] == 1:
+        return None, optimizer and optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(unwrap(model), options=options)
+    return weights, optimizer and get_optimizer_state_dict(unwrap(model), optimizer,
+                                                          options=options)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The inverse of full_state's optimizer state."""
+    if world()[1] == 1:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def peak_memory_per_rank():
+    """Each rank's peak resident memory in bytes (Linux reports kilobytes)."""
+    import resource
+    return all_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+# -----------------------------------------------------------------------------
+# 5. Model code shipped with a checkpoint (LLaDA, Dream), written for
+#    transformers 4.x, under the pinned 5.x. Each fix is applied only where the
+#    loaded code needs it, checked on the code itself, and names the change in
+#    transformers that made it necessary. Nothing here edits files: the classes
+#    are adjusted in memory, for this process, after transformers imported them.
+
+
+def adapt_shipped_code(config, path):
+    """Import the model classes the config's auto_map names (as from_pretrained
+    would) and adjust them, before any model is built."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    if not hasattr(config, "use_cache"):
+        # 5.x's PreTrainedConfig drops generation settings (use_cache among them)
+        # from a config's kwargs; 4.x forwards read config.use_cache. Our forward
+        # passes never use a cache.
+        config.use_cache = False
+    for auto, ref in config.auto_map.items():
+        if auto.startswith("AutoModel"):
+            cls = get_class_from_dynamic_module(ref, path)
+            package = cls.__module__.rpartition(".")[0] + "."
+            for name, module in list(sys.modules.items()):
+                if name.startswith(package):
+                    adapt_module(module)
+
+
+def adapt_module(module):
+    from transformers import GenerationConfig, PreTrainedModel
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    table = getattr(module, "ROPE_INIT_FUNCTIONS", None)
+    if table is ROPE_INIT_FUNCTIONS and "default" not in table:
+        # 5.x removed the "default" entry (each model computes its own); this
+        # module's copy of the table gets it back, transformers' own does not.
+        module.ROPE_INIT_FUNCTIONS = {**table, "default": default_rope_parameters}
+    for cls in vars(module).values():
+        if isinstance(cls, type) and cls.__module__ == module.__name__:
+            if issubclass(cls, GenerationConfig):
+                accept_new_keywords(cls, "validate")  # 5.x: validate(strict=, user_set_attributes=)
+            elif issubclass(cls, PreTrainedModel):
+                accept_new_keywords(cls, "tie_weights")  # 5.x: tie_weights(missing_keys=, ...)
+                call_post_init(cls)
+                tied_keys_as_mapping(cls)
+
+
+def accept_new_keywords(cls, method):
+    """Let cls.method(self, ...) written for 4.x be called with the keywords
+    5.x passes: those it does not take are dropped."""
+    import inspect
+    original = cls.__dict__.get(method)
+    if original is None or getattr(original, "adapted", False):
+        return
+    takes = inspect.signature(original).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        return
+
+    def adapted(self, *args, **kwargs):
+        return original(self, *args, **{k: v for k, v in kwargs.items() if k in takes})
+    adapted.adapted = True
+    setattr(cls, method, adapted)
+
+
+def call_post_init(cls):
+    """5.x's from_pretrained reads what post_init() sets (all_tied_weights_keys);
+    4.x code could skip calling it. Call it after an __init__ that did not."""
+    original = cls.__dict__.get("__init__")
+    if original is None or getattr(original, "adapted", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        outermost = type(self).__init__ is __init__  # not a parent's __init__ called by super()
+        if outermost and not hasattr(self, "all_tied_weights_keys"):
+            self.post_init()
+    __init__.adapted = True
+    cls.__init__ = __init__
+
+
+def tied_keys_as_mapping(cls):
+    """5.x reads _tied_weights_keys as {tied parameter: its source}; 4.x code
+    lists the tied parameters, which were tied to the input embeddings."""
+    keys = cls.__dict__.get("_tied_weights_keys")
+    if not isinstance(keys, (list, tuple)):
+        return
+
+    def mapping(self):
+        embeddings = self.get_input_embeddings()
+        source = [n for n, m in self.named_modules() if m is embeddings]
+        return {key: f"{source[0]}.weight" for key in keys} if source else {}
+    cls._tied_weights_keys = property(mapping)
+
+
+def default_rope_parameters(config, device=None, seq_len=None, **kwargs):
+    """Rotary inverse frequencies 1 / theta^(2i/d), as 4.x's "default" entry
+    computed them: (inv_freq, attention scaling 1.0)."""
+    head_dim = (getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads)
+    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    base = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (base ** exponent), 1.0
+
+
+def finish_shipped_model(model):
+    """After loading: no buffer that 5.x left uninitialised reaches training,
+    and save_pretrained copies the model's code into every checkpoint."""
+    bad = uninitialised_buffers(model)
+    if bad:
+        # 5.x builds models on the meta device, fills non-persistent buffers
+        # with torch.empty and relies on _init_weights to set them; 4.x code
+        # computed them in __init__ and its _init_weights may not know them.
+        if hasattr(model, "reset_rope_parameters"):
+            model.reset_rope_parameters()
+        for name in bad:
+            module = model.get_submodule(name.rpartition(".")[0])
+            if hasattr(module, "reset_parameters") and not list(module.parameters(recurse=False)):
+                module.reset_parameters()
+        still = uninitialised_buffers(model)
+        if still:
+            raise ValueError(f"buffer {still[0]} was left uninitialised by transformers 5.x "
+                             "and the model has no reset_parameters() to compute it")
+    cls = type(model)
+    if cls._auto_class is None:
+        # The code registered the class with an auto class itself, so
+        # from_pretrained did not, and save_pretrained would not copy the code.
+        auto = [a for a, ref in getattr(model.config, "auto_map", {}).items()
+                if a.startswith("AutoModel") and ref.endswith("." + cls.__name__)]
+        if auto:
+            cls.register_for_auto_class(auto[0])
+
+
+def uninitialised_buffers(model):
+    """Non-persistent float buffers holding what uninitialised memory would:
+    non-finite values, or rotary inverse frequencies that are not decreasing
+    values in (0, 1]."""
+    bad = []
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if (name not in module._non_persistent_buffers_set or buffer is None
+                    or not buffer.is_floating_point()):
+                continue
+            fine = bool(torch.isfinite(buffer).all())
+            if fine and "inv_freq" in name:
+                fine = bool((buffer > 0).all() and (buffer <= 1).all()
+                            and (buffer.flatten().diff() <= 0).all())
+            if not fine:
+                bad.append(f"{module_name}.{name}" if module_name else name)
+    return bad
+
+
