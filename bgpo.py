@@ -78,23 +78,19 @@ def group_advantages(rewards, group_size):
 #    B(y|x) = E_t E_{y_t ~ q(.|t,y)} l(y_t, t, y | x)  <=  log pi(y|x)
 #    l_j    = w_j * sum_i 1[y_t^i = M] * log p(y^i | y_t, x)
 #    B_hat  = (1/n_t) sum_j l_j
-#    "stratified": mask exactly l_j of the L tokens, w_j = L/l_j, with counts
+#    "stratified": mask exactly l_j of the L tokens, w_j = L / l_j, with counts
 #                  l_j = ((k - 1 + floor((j-1) L/n_t)) mod L) + 1, k ~ U{1..L}
-#                  one offset k per response: each l_j on its own is uniform on
-#                  1..L, and together they spread evenly over 1..L (n_t = L:
-#                  every count once). LLaDA's and the official code write
-#                  round(k + (j-1) L/n_t). round() sends a tie (x.5) to the
-#                  even number; a tie comes whenever 2 (j-1) L/n_t is odd (odd
-#                  L with even n_t, but also L = 6 with n_t = 4), and that
-#                  sample's count is then not uniform: biased. Without ties the
-#                  two are equal in distribution, and draw for draw only when
-#                  n_t divides L (the official L = 512, n_t = 16).
-#    "uniform_t":  t ~ U(0,1), mask each token with prob. t (the forward
-#                  process itself), w = E[1/t | l of L masked] = (L+1)/l.
-#                  The paper's w = 1/t has infinite variance (one token masked
-#                  at t near 0 weighs 1/t); given the mask, t ~ Beta(l+1, L-l+1),
-#                  whose E[1/t] keeps the expectation with w <= L + 1.
-#    Both have the same expectation; stratified has much lower variance.
+#                  (one offset k per response): each l_j alone is uniform on
+#                  1..L, and together they spread evenly (n_t = L: each once).
+#                  LLaDA's and the official code's round(k + (j-1) L/n_t)
+#                  sends a tie (2 (j-1) L/n_t odd: odd L with even n_t, or
+#                  L = 6 with n_t = 4) to the even number: that count is not
+#                  uniform, and the estimate biased. Without ties the two are
+#                  equal in distribution; draw for draw only if n_t divides L.
+#    "uniform_t":  t ~ U(0,1), each token masked with prob. t (the forward
+#                  process), w = E[1/t | l of L masked] = (L+1)/l: the paper's
+#                  w = 1/t averaged over t given the mask (Rao-Blackwell); its
+#                  variance is finite, 1/t's is not.
 
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
@@ -136,7 +132,7 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     else:
         t = 1 - torch.rand(n_samples, B, generator=generator, device=dev)        # (n, B) in (0, 1]
         masks = torch.rand(n_samples, B, L, generator=generator, device=dev) < t[..., None]
-        # E[1/t | l masked] (banner); a sample that masks nothing adds 0 whatever its weight
+        # E[1/t | l masked]; a sample that masks nothing adds 0 whatever its weight
         weights = (L + 1) / masks.sum(-1).clamp(min=1)
     return masks.to(responses.device), weights.float().to(responses.device)
 
@@ -145,7 +141,7 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
     """One Monte-Carlo sample l_j of the ELBO for every response; differentiable.
 
     Args:
-        model: any masked LM read by toy_dllm.forward_logits: logits (B, T, V).
+        model: a masked LM as toy_dllm.forward_logits reads one;
         prompts: Long (B, Lp); responses: Long (B, L);
         mask: Bool (B, L), True where y_t has [MASK]; weight: Float (B,);
         prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
@@ -153,15 +149,14 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
         Float (B,): w * sum_i mask_i * log p(y^i | y_t, x).
     """
     _check_term_inputs(prompts, responses, mask, weight)
-    return terms_in_one_pass(model, prompts, responses, mask[None], weight[None], mask_id,
-                             prompt_mask)[0]
+    return elbo_terms_at_once(model, prompts, responses, mask[None], weight[None], mask_id,
+                              prompt_mask)[0]
 
 
-def terms_in_one_pass(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
-    """l_j for K masks of every response, Float (K, B) from masks (K, B, L), in
-    one forward pass over the K B rows: faster than K passes where the device
-    has room (a GPU), at K times one pass's activation memory. A row of weight
-    0 (an empty slot of merge_repeats) is 0, and is not computed."""
+def elbo_terms_at_once(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
+    """l_j of K masks of every response, Float (K, B) from masks (K, B, L), in
+    one forward pass over K copies of the batch (K times one pass's memory).
+    A row of weight 0 (an empty slot, merge_repeats) is 0 and not computed."""
     K, B, L = masks.shape
     rows = weights.flatten().nonzero().squeeze(1)                        # of the K B rows
     b = rows % B                                                         # their responses
@@ -170,6 +165,15 @@ def terms_in_one_pass(model, prompts, responses, masks, weights, mask_id, prompt
                                     None if prompt_mask is None else prompt_mask[b])  # (R, L)
     terms = weights.reshape(K * B)[rows].to(logp.dtype) * (logp * mask).sum(-1)      # (R,)
     return terms.new_zeros(K * B).index_put((rows,), terms).view(K, B)
+
+
+def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None,
+               mc_batch=1):
+    """elbo_term of each of the n_t masks, mc_batch masks to a forward pass:
+    Float (n_t, B). Every graph is kept: for old terms, use torch.no_grad()."""
+    _check_term_inputs(prompts, responses, masks[0], weights[0])
+    return torch.cat([elbo_terms_at_once(model, prompts, responses, m, w, mask_id, prompt_mask)
+                      for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
 
 
 def _check_term_inputs(prompts, responses, mask, weight):
@@ -182,29 +186,14 @@ def _check_term_inputs(prompts, responses, mask, weight):
         raise ValueError(f"weight must be ({B},), got shape {tuple(weight.shape)}")
 
 
-def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None,
-               mc_batch=1):
-    """elbo_term for each of the n_t masks, mc_batch masks to a forward pass:
-    Float (n_t, B). It keeps every graph: for the old policy's terms, call it
-    under torch.no_grad()."""
-    _check_term_inputs(prompts, responses, masks[0], weights[0])
-    return torch.cat([terms_in_one_pass(model, prompts, responses, m, w, mask_id, prompt_mask)
-                      for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
-
-
 def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False,
                         old=True, mc_batch=1):
-    """Step 3: n_t masks per response, and the old policy's l_j on them.
-
-    The old policy is the model as it is now; its terms carry no gradient.
-    old=False skips them (old_terms is None): with one update per rollout
-    they equal the new terms' values, which policy_loss_backward then takes
-    from its own forward passes instead of n_t extra ones here.
+    """Step 3 on a Rollout: masks (n_t, B, L), weights (n_t, B), and the old
+    policy's terms l_old_j (n_t, B), without gradient: the model as it is now.
+    old=False gives None instead: on-policy they are the new terms' values,
+    which policy_loss_backward takes from its own forward passes.
     length_norm divides every l_j by the response length L (the official
-    code's per-token ELBO), so d_j and a clip band act per token.
-    policy and batch: a Policy and a Rollout (section 4).
-    Returns masks (n_t, B, L), weights (n_t, B), old_terms (n_t, B) or None.
-    """
+    code's per-token ELBO), so d_j and a clip band act per token."""
     masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
     if length_norm:
         weights = weights / batch.responses.shape[1]
@@ -217,18 +206,15 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
 
 
 def merge_repeats(masks, weights, old_terms=None):
-    """The distinct samples of each response, each with how many of its n_t
-    samples it stands for.
+    """The distinct samples of each response, each counted for its copies.
 
-    Two samples of a response with the same mask have the same l_j, so a sum
-    over the samples may run over the distinct ones, each times its count:
-    the same estimate, fewer forward passes where responses are short (a
-    3-token answer has 7 non-empty masks; 16 stratified samples hold about
-    6.3 distinct ones). At 16 tokens or more, repeats are rare.
-    Returns masks (n', B, L), weights (n', B), old_terms (n', B) or None, and
-    counts (n', B): n' is the most distinct samples a response has; one with
-    fewer fills its last slots with count 0, weight 0 and old term 0 (a term
-    of weight 0 is 0: d = 0 there, and the count leaves it out).
+    Samples of a response with the same mask have the same l_j, so a sum over
+    samples may run over the distinct ones, each times its count: the same
+    estimate, fewer forward passes where responses are short (a 3-token
+    answer has 7 masks; 16 stratified samples hold about 6.3 distinct ones).
+    Returns masks, weights, old_terms (or None) and counts, with n' <= n_t
+    samples per response, n' the most distinct any response has; a response
+    with fewer has count 0, weight 0 and old term 0 in its last slots.
 
     >>> masks = torch.tensor([[[1, 0]], [[0, 1]], [[1, 0]]]).bool()  # (n_t, B, L) = (3, 1, 2)
     >>> masks, weights, _, counts = merge_repeats(masks, torch.full((3, 1), 2.0))
@@ -242,18 +228,17 @@ def merge_repeats(masks, weights, old_terms=None):
     _, copy_of, copies = key.unique(dim=0, return_inverse=True, return_counts=True)
     order = torch.arange(n * B, device=masks.device)                     # sample j of i: j B + i
     first = torch.full_like(copies, n * B).scatter_reduce(0, copy_of, order, "amin")
-    j, i = (first[copy_of] == order).view(n, B).nonzero(as_tuple=True)  # the first copies
-    slot = (first[copy_of] == order).view(n, B).cumsum(0)[j, i] - 1     # their place
+    is_first = (first[copy_of] == order).view(n, B)                      # (n, B)
+    j, i = is_first.nonzero(as_tuple=True)
+    slot = is_first.cumsum(0)[j, i] - 1                                  # its place among them
     index = torch.zeros(int(slot.max()) + 1, B, dtype=torch.long, device=masks.device)
-    index[slot, i] = j                                                   # (n', B), 0 if empty
+    index[slot, i] = j                                                   # (n', B); 0: empty
     counts = torch.zeros(index.shape, dtype=weights.dtype, device=weights.device)
     counts[slot, i] = copies[copy_of.view(n, B)[j, i]].to(weights.dtype)
     used = counts > 0
     masks = masks.gather(0, index[..., None].expand(-1, -1, L))
-    weights = weights.gather(0, index) * used
-    if old_terms is not None:
-        old_terms = old_terms.gather(0, index) * used
-    return masks, weights, old_terms, counts
+    old_terms = None if old_terms is None else old_terms.gather(0, index) * used
+    return masks, weights.gather(0, index) * used, old_terms, counts
 
 # -----------------------------------------------------------------------------
 # 3. The objectives: naive ELBO ratio vs the BGPO lower bound
@@ -300,10 +285,10 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
     counts[j] of each response's n_t samples (merge_repeats)."""
     n_t = int(counts[:, 0].sum())
     total = 0.0
-    for j in range(0, len(masks), mc_batch):                             # like LLaDA's mc_num loop
+    for j in range(0, len(masks), mc_batch):                             # as LLaDA's mc_num loop
         s = slice(j, j + mc_batch)                                        # K samples, K = mc_batch
-        terms = terms_in_one_pass(model, prompts, responses, masks[s], weights[s], mask_id,
-                                  prompt_mask)                            # (K, B) l_j, a graph
+        terms = elbo_terms_at_once(model, prompts, responses, masks[s], weights[s], mask_id,
+                                   prompt_mask)                           # (K, B) l_j, a graph
         old = terms.detach() if old_terms is None else old_terms[s]       # on-policy: d_j = 0
         g = bgpo_sample_objective(terms, old, advantages, n_t, clip)      # (K, B)
         loss = -(counts[s] * g).mean(-1).sum()                            # L_j
@@ -315,7 +300,7 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
 def naive_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
                         counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
     """R = exp(mean_j d_j) A: all n_t graphs alive at once, one backward."""
-    terms = torch.cat([terms_in_one_pass(model, prompts, responses, m, w, mask_id, prompt_mask)
+    terms = torch.cat([elbo_terms_at_once(model, prompts, responses, m, w, mask_id, prompt_mask)
                        for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
     old_terms = terms.detach() if old_terms is None else old_terms   # (n_t, B), n_t graphs
     loss = -naive_objective(terms, old_terms, advantages, clip, counts).mean()
@@ -327,9 +312,9 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
                            counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
     """The naive gradient at constant memory. R depends on the samples only
     through m = mean_j d_j, so dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t)
-    sum_j dl_ij/dtheta: pass 1 (no grad) finds c_i = dR_i/dm_i, pass 2
-    backwards -(1/B) sum_i c_i l_ij / n_t one sample at a time.
-    On-policy (old_terms None) m = 0 is known, and pass 1 is skipped."""
+    sum_j dl_ij/dtheta: pass 1 (no grad; on-policy m = 0 is known and it is
+    skipped) finds c_i = dR_i/dm_i, pass 2 backwards -(1/B) sum_i c_i l_ij / n_t
+    one sample at a time."""
     n_t = int(counts[:, 0].sum())
     mean_d = torch.zeros_like(advantages)
     if old_terms is not None:
@@ -342,8 +327,8 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
     coef, = torch.autograd.grad(objective.sum(), mean_d)                 # A e^{m} unclipped
     for j in range(0, len(masks), mc_batch):
         s = slice(j, j + mc_batch)
-        terms = terms_in_one_pass(model, prompts, responses, masks[s], weights[s], mask_id,
-                                  prompt_mask)                            # (K, B)
+        terms = elbo_terms_at_once(model, prompts, responses, masks[s], weights[s], mask_id,
+                                   prompt_mask)                           # (K, B)
         loss = -(coef * counts[s] * terms).mean(-1).sum() / n_t
         loss.backward()
     return -objective.mean().item()
@@ -352,31 +337,24 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
                          mc_batch=1, merge=True):
-    """Backward the RL loss L = -(1/B) sum_i R_i into the model's .grad.
+    """Backward the RL loss L = -(1/B) sum_i R_i into the model's .grad (it
+    accumulates, as in gradient accumulation); returns L's value.
 
-    Gradients accumulate (nothing is zeroed), as in gradient accumulation.
     Args:
         prompts: Long (B, Lp); responses: Long (B, L); advantages: Float (B,);
         masks: Bool (n_t, B, L) and weights: Float (n_t, B) from sample_masks;
         old_terms: Float (n_t, B), the old policy's l_j on the same masks, or
             None on-policy: each l_j's own value, detached, from the same
             forward pass (identical to passing them, without n_t extra passes);
-        method: "bgpo"     R = R_lb; one forward + backward per sample, so
-                           only one sample's graph is alive at a time;
-                "naive"    R = exp(mean d) A; all n_t graphs, one backward;
-                "two_pass" the naive gradient at constant memory: a no-grad
-                           pass finds c_i = dR_i / d(mean d_i), then sample j
-                           backwards -(1/B) sum_i c_i l_ij / n_t on its own;
+        method: "bgpo" (R_lb, one sample's graph alive at a time), "naive"
+            (exp(mean d) A, all n_t graphs, one backward) or "two_pass" (the
+            naive gradient at constant memory);
         clip: PPO epsilon, or None (the paper) for no clipping;
         prompt_mask: Bool (B, Lp), False at left padding, or None (no padding);
-        mc_batch: K, samples per forward pass: 1 is BGPO's least memory, n_t
-            one pass like the naive objective's; the same gradient, up to
-            floating-point rounding;
+        mc_batch: K, samples per forward pass: 1 is the least memory; the
+            same gradient up to floating-point rounding;
         merge: compute a mask that a response drew more than once only once,
-            counted for its copies (merge_repeats): the same loss and
-            gradient, fewer forward passes.
-    Returns:
-        L's value, a float.
+            counted for its copies (merge_repeats): the same loss and gradient.
     """
     _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
                        prompt_mask, mc_batch)
@@ -396,21 +374,16 @@ def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms
                        prompt_mask, mc_batch):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    if responses.dim() != 2:
-        raise ValueError(f"responses must be (B, L), got shape {tuple(responses.shape)}")
-    B, L = responses.shape
-    if masks.dim() != 3 or masks.shape[1:] != (B, L) or masks.shape[0] < 1:
-        raise ValueError(f"masks must be (n_samples >= 1, {B}, {L}), got {tuple(masks.shape)}")
-    n = masks.shape[0]
+    if responses.dim() != 2 or masks.dim() != 3 or masks.shape[1:] != responses.shape \
+            or len(masks) < 1:
+        raise ValueError(f"masks must be (n_samples, B, L) for responses (B, L), got "
+                         f"{tuple(masks.shape)} and {tuple(responses.shape)}")
+    (n, B, L), Lp = masks.shape, prompts.shape[-1]
     for name, x, shape in (("advantages", advantages, (B,)), ("weights", weights, (n, B)),
-                           ("old_terms", old_terms, (n, B))):
+                           ("old_terms", old_terms, (n, B)), ("prompts", prompts, (B, Lp)),
+                           ("prompt_mask", prompt_mask, (B, Lp))):
         if x is not None and tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    if prompts.dim() != 2 or prompts.shape[0] != B:
-        raise ValueError(f"prompts must be ({B}, Lp), got shape {tuple(prompts.shape)}")
-    if prompt_mask is not None and prompt_mask.shape != prompts.shape:
-        raise ValueError(f"prompt_mask must have the prompts' shape {tuple(prompts.shape)}, "
-                         f"got {tuple(prompt_mask.shape)}")
     if not isinstance(mc_batch, int) or mc_batch < 1:
         raise ValueError(f"mc_batch must be an integer >= 1, got {mc_batch!r}")
 
@@ -468,110 +441,91 @@ def rollout(policy, problems, cfg, generator):
 #    the naive objective, and the old terms are the new terms' own values,
 #    taken from the same forward passes); with 2 the second mini-batch is
 #    off-policy, and the old terms need their own no-grad passes.
-#    Under torchrun (real_dllm, section 4) each rank rolls out its share of
-#    the prompts; the lines that say so are marked "torchrun".
+#    Under torchrun (real_dllm.py) each rank rolls out its share of the
+#    prompts; the few lines that see to it are marked "torchrun".
 
 
-def flag(default, help, **argparse_keywords):
-    """A Config field, with its command-line flag's help and what argparse needs:
-    low / high (bounds, inclusive), above (a bound, exclusive), choices, metavar,
-    and list=True for a comma-separated list (--samples 1,4,16)."""
-    return dataclasses.field(default=default, metadata=dict(argparse_keywords, help=help))
+def flag(default, help, **keywords):
+    """A Config field and its flag: help, and for argparse low / high (bounds),
+    above (an open bound), choices, metavar, list=True (--samples 1,4,16)."""
+    return dataclasses.field(default=default, metadata=dict(keywords, help=help))
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run: its default, and the help of its flag
-    (--samples for `samples`); `python bgpo.py --help` lists them all. Built
-    once, from the command line, and never changed afterwards."""
+    """Every setting of a run, its default and its flag's help (--help lists
+    them). Built once, from the command line, and never changed."""
     # what to do: train, unless one of these is given
-    compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t "
-                                "(value, gradient, memory, time)")
-    grad_stats: bool = flag(False, "table: relative std, bias and error of the BGPO "
-                                   "gradient, per n_t and scheme")
-    explain: bool = flag(False, "one BGPO step on a small batch (2 prompts x 4 responses, "
-                                "n_t = 2 unless given), every number printed")
+    compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t (value, gradient, "
+                                "memory, time)")
+    grad_stats: bool = flag(False, "table: std, bias and error of the BGPO gradient per n_t")
+    explain: bool = flag(False, "one BGPO step on 2 prompts x 4 responses, n_t = 2 unless "
+                                "given, every number printed")
     # the objective and its Monte-Carlo estimate
     method: str = flag("bgpo", "objective for training", choices=METHODS)
-    samples: int = flag(16, "n_t, Monte-Carlo samples per response (a list for --compare "
-                            "and --grad-stats)", metavar="N[,N...]", low=1, list=True)
-    sample_counts: tuple = (16,)   # all of --samples 1,4,16
-    mc_batch: int = flag(1, "Monte-Carlo samples per forward pass: 1 holds the least memory, "
-                            "more is faster where the device has room (a list for --compare)",
-                         metavar="K[,K...]", low=1, list=True)
-    mc_batches: tuple = (1,)       # all of --mc-batch 1,4,16
+    samples: int = flag(16, "n_t, Monte-Carlo samples per response (a list for --compare, "
+                            "--grad-stats)", low=1, list=True, metavar="N[,N...]")
+    sample_counts: tuple = (16,)  # all of --samples 1,4,16
+    mc_batch: int = flag(1, "samples per forward pass: more is faster where memory allows "
+                            "(a list for --compare)", low=1, list=True, metavar="K[,K...]")
+    mc_batches: tuple = (1,)  # all of --mc-batch 1,4,16
     scheme: str = flag("stratified", "how masks are drawn", choices=SCHEMES)
-    clip: float = flag(None, "PPO clipping of the surrogate ratio (off by default, as in the "
-                             "paper)", above=0, high=1, metavar="EPS")
-    length_norm: bool = flag(False, "divide each ELBO term by the response length, as the "
-                                    "official code does")
+    clip: float = flag(None, "PPO clipping of the ratio (the paper: none)", above=0, high=1)
+    length_norm: bool = flag(False, "divide each ELBO term by the response length")
     # the GRPO loop
     steps: int = flag(275, "RL steps", low=1)
     prompts: int = flag(16, "prompts per step", low=1)
     group: int = flag(8, "G, responses per prompt", low=2)
     lr: float = flag(1e-4, "AdamW learning rate", above=0)
-    max_grad_norm: float = flag(None, "clip the gradient's total norm to X before each update "
-                                      "(off by default)",
-                                above=0, metavar="X")
-    updates_per_batch: int = flag(1, "optimizer updates per rollout batch, on disjoint "
-                                     "mini-batches of whole groups (1 = on-policy)", low=1)
-    seed: int = flag(0, "seed of the prompts, responses and masks", low=0)
+    max_grad_norm: float = flag(None, "clip the gradient's norm to this", above=0)
+    updates_per_batch: int = flag(1, "updates per rollout, on disjoint groups (1: on-policy)",
+                                  low=1)
+    seed: int = flag(0, "seed of prompts, responses and masks", low=0)
     device: str = flag("auto", "where to run", choices=("auto", "cpu", "cuda"))
     # the sampler
-    temperature: float = flag(0.6, "rollout temperature (evaluation is greedy)",
-                              low=0)
-    sampler_steps: int = flag(None, "denoising steps per response (default: one per token)",
-                              low=1)
-    block_length: int = flag(None, "sampler block length (default: the response length)",
-                             low=1)
+    temperature: float = flag(0.6, "rollout temperature (evaluation is greedy)", low=0)
+    sampler_steps: int = flag(None, "denoising steps per response (default: L)", low=1)
+    block_length: int = flag(None, "sampler block length (default: L)", low=1)
     # evaluation, measurements, output
     eval_every: int = flag(25, "steps between test evaluations", low=1)
-    perturb: float = flag(0.0, "--compare / --explain: move the weights by this many "
+    perturb: float = flag(0.0, "--compare, --explain: move the weights by this many "
                                "parameter stds (off-policy)", low=0)
-    json: bool = flag(False, "print --compare / --grad-stats rows as JSON")
-    out: str = flag(None, "write metrics.jsonl, summary.json and the final model here",
-                    metavar="DIR")
+    json: bool = flag(False, "print --compare, --grad-stats rows as JSON")
+    out: str = flag(None, "write metrics.jsonl, summary.json and the model here", metavar="DIR")
     save_every: int = flag(None, "checkpoint every N steps under --out", low=1)
     resume: str = flag(None, "continue the run saved in DIR (its --out)", metavar="DIR")
     # the model and the task
     model: str = flag(None, "a transformers masked-LM checkpoint (default: the toy)",
-                      metavar="PATH_OR_NAME")
-    trust_remote_code: bool = flag(False, "allow the checkpoint's own code (LLaDA, Dream) "
-                                          "to run; asked for on every command line")
-    mask_id: int = flag(None, "[MASK] id if the tokenizer names none", low=0)
-    shifted_logits: str = flag("auto", "read token i's prediction at position i-1, as Dream "
-                                       "does (auto: by model type)", choices=("auto", "yes", "no"))
-    response_length: int = flag(None, "response tokens: the answer, then end tokens (default: "
-                                      "the answer's length for the toy, whose warm start is "
-                                      "then trained at this length; the longest answer + 1 "
-                                      "with --model)", low=1)
+                      metavar="PATH")
+    trust_remote_code: bool = flag(False, "let the checkpoint's own code run (LLaDA, Dream)")
+    mask_id: int = flag(None, "[MASK] id, if the tokenizer names none", low=0)
+    shifted_logits: str = flag("auto", "read token i at position i-1, as Dream (auto: by "
+                                       "model type)", choices=("auto", "yes", "no"))
+    response_length: int = flag(None, "L: the answer, then end tokens (default: the answer; "
+                                      "--model: + 1)", low=1)
     digits: int = flag(2, "operand digits of the task", low=2, high=9)
     test_size: int = flag(1000, "test problems", low=1)
     # memory levers for a real diffusion LM (real_dllm.py)
-    lora_rank: int = flag(None, "train LoRA adapters of rank R (peft) instead of all weights",
-                          low=1, metavar="R")
-    lora_alpha: float = flag(None, "LoRA alpha: adapter updates are scaled by alpha / R "
-                                   "(default: R)", above=0)
-    lora_targets: str = flag(None, "modules that get adapters (default: every linear layer "
-                                   "but the output head)", metavar="NAME[,NAME...]")
-    gradient_checkpointing: bool = flag(False, "recompute each layer's activations in backward "
-                                               "(transformers'); with --compare: a column with it")
-    activation_budget: float = flag(None, "before training, measure one loss call's activations "
-                                          "at --samples, --method and --mc-batch; more than MB "
-                                          "stops with the largest n_t that fits",
-                                    above=0, metavar="MB")
+    lora_rank: int = flag(None, "train LoRA adapters of this rank (peft), not the weights",
+                          low=1)
+    lora_alpha: float = flag(None, "LoRA updates are scaled by alpha / rank (default: rank)",
+                             above=0)
+    lora_targets: str = flag(None, "modules given adapters (default: each linear layer but "
+                                   "the head)", metavar="NAME[,NAME...]")
+    gradient_checkpointing: bool = flag(False, "recompute each layer's activations in "
+                                               "backward; --compare: a column with it")
+    activation_budget: float = flag(None, "stop before training if one loss call needs more "
+                                          "activation MB", above=0, metavar="MB")
 
 
 def train(policy, cfg, out=None, resume_state=None):
-    """The RL loop. Returns the summary dict (also written to out/summary.json).
-
-    Every step appends one record to the metrics (and rewrites
-    out/metrics.jsonl atomically); every cfg.save_every steps a checkpoint is
-    written; resume_state (from load_trainer_state) continues a run exactly.
-    """
+    """The RL loop; returns the summary (out/summary.json). Each step appends a
+    record to the metrics (out/metrics.jsonl, rewritten atomically), each
+    cfg.save_every steps a checkpoint is written, and resume_state (from
+    load_trainer_state) continues a run exactly."""
     rank, size = real_dllm.world()                                    # torchrun; (0, 1) if not
     torch.manual_seed(cfg.seed)
-    data_rng = torch.Generator().manual_seed(cfg.seed)               # prompts, masks
+    data_rng = torch.Generator().manual_seed(cfg.seed)               # prompts and masks
     sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed + rank)  # rollouts
     trained = [p for p in policy.model.parameters() if p.requires_grad]  # LoRA: adapters only
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
@@ -596,16 +550,12 @@ def train(policy, cfg, out=None, resume_state=None):
 
 def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     """Steps 3-5 on one rollout: masks (and old terms, off-policy), then
-    cfg.updates_per_batch optimizer updates, each on a mini-batch of whole
-    groups.
-
-    Returns (mean loss of the updates taken, number of updates skipped
-    because the loss or a gradient was not finite, peak activation bytes,
-    0 unless measure_memory).
-    """
+    cfg.updates_per_batch updates, each on a mini-batch of whole groups.
+    Returns (mean loss of the updates taken, updates skipped as not finite,
+    peak activation bytes of the loss calls, 0 unless measure_memory)."""
     one_process = real_dllm.world()[1] == 1
-    # torchrun: masks of this rank's own, from the state every rank shares; and no merging
-    # of repeated masks, which would make the ranks' numbers of forward passes differ
+    # torchrun: masks of this rank's own, from the state all ranks share; no merging, which
+    # would give the ranks different numbers of (collective) forward passes
     mask_rng = data_rng if one_process else real_dllm.rank_generator(data_rng)
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, cfg.samples, cfg.scheme, mask_rng, cfg.length_norm,
@@ -613,7 +563,7 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     losses, skipped, peak = [], 0, 0
     n_prompts = len(batch.responses) // cfg.group
     for minibatch in torch.arange(n_prompts).chunk(cfg.updates_per_batch):  # its prompts
-        rows = (minibatch[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # their groups
+        rows = (minibatch[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # groups
         mini = batch[rows]
         optimizer.zero_grad(set_to_none=True)
         meter = activation_meter(policy.model) if measure_memory and one_process else None
@@ -624,18 +574,17 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
                 policy.mask_id, method=cfg.method, clip=cfg.clip, prompt_mask=mini.prompt_mask,
                 mc_batch=cfg.mc_batch, merge=one_process)
         peak = max(peak, meter.peak_bytes if meter else 0)
-        if not update(policy.model, optimizer, loss, cfg.max_grad_norm):
+        if update(policy.model, optimizer, loss, cfg.max_grad_norm):
+            losses.append(loss)
+        else:
             skipped += 1
-            continue
-        losses.append(loss)
-    mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    return mean_loss, skipped, peak
+    return (sum(losses) / len(losses) if losses else math.nan), skipped, peak
 
 
 def update(model, optimizer, loss, max_grad_norm=None):
-    """Step 5: one optimizer step, unless the loss or the gradient is not
-    finite (then the gradient is dropped and False returned). The gradient's
-    total norm is clipped to max_grad_norm if given."""
+    """Step 5: one optimizer step, the gradient's norm clipped to
+    max_grad_norm if given; none if the loss or the gradient is not finite
+    (the gradient is dropped, and False returned)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # torchrun: a sharded (distributed) tensor
         grad_norm = grad_norm.full_tensor()
@@ -649,21 +598,21 @@ def update(model, optimizer, loss, max_grad_norm=None):
 
 
 def evaluate_policy(policy, cfg, n_failures=0):
-    """Greedy exact-match accuracy on the task's test problems, and failures.
-    Under torchrun each rank takes every W-th problem, in as many batches as
-    the others (their forward passes are collective), and the counts add up."""
+    """Greedy exact-match accuracy on the test problems, and a few failures.
+    torchrun: each rank takes every W-th problem, in as many batches as the
+    others (forward passes are collective), and the counts add up."""
     rank, size = real_dllm.world()
     test = policy.task.test
-    share = test[rank::size]
     widest = -(-len(test) // size)
-    batches = -(-widest // 1000)
-    acc, failures = toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task, share,
-                                      mask_id=policy.mask_id, length=policy.response_length,
-                                      batch_size=-(-widest // batches), n_failures=n_failures,
-                                      block_length=cfg.block_length, steps=cfg.sampler_steps)
+    batch_size = -(-widest // -(-widest // 1000))   # at most 1000, equal batches on every rank
+    acc, failures = toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task,
+                                      test[rank::size], mask_id=policy.mask_id,
+                                      length=policy.response_length, batch_size=batch_size,
+                                      n_failures=n_failures, block_length=cfg.block_length,
+                                      steps=cfg.sampler_steps)
     if size == 1:
         return acc, failures
-    return real_dllm.global_mean(acc * len(share)) * size / len(test), failures
+    return real_dllm.global_mean(acc * len(test[rank::size])) * size / len(test), failures
 
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
@@ -715,7 +664,7 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
 
 
 def finish(policy, cfg, state, out):
-    """Print the accuracy before and after; write the summary and final model."""
+    """Print the accuracy before and after; write the summary and the model."""
     acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg, n_failures=3)
     seconds = time.time() - state["started"]
     say("\n".join(failures))
@@ -729,7 +678,7 @@ def finish(policy, cfg, state, out):
     if size > 1:  # torchrun: the activation meter is off; each rank's peak memory instead
         summary["peak_rss_bytes_per_rank"] = real_dllm.peak_memory_per_rank()
     if out:
-        weights, _ = real_dllm.full_state(policy.model, None)  # torchrun: every rank gathers
+        weights, _ = real_dllm.full_state(policy.model)  # torchrun: every rank gathers
         if rank == 0:
             toy_dllm.save_dir_atomic(os.path.join(out, "model"),
                                      lambda tmp: save_model(policy, tmp, weights))
@@ -762,9 +711,7 @@ def checkpoints(out):
 
 def save_model(policy, path, weights=None):
     """The model and tokenizer (save_pretrained), and what `--model path` needs
-    to use them again with no other flag: the response length, the mask id,
-    whether logits are read shifted and, for LoRA adapters, the model they
-    adapt. weights: the full state dict of a sharded model."""
+    to use them with no other flag (bgpo.json). weights: a sharded model's."""
     real_dllm.save_pretrained(policy.model, path, weights)
     policy.tokenizer.save_pretrained(path)
     settings = dict(response_length=policy.response_length, mask_id=policy.mask_id,
@@ -802,13 +749,9 @@ def save_checkpoint(out, policy, optimizer, state):
 
 
 def load_trainer_state(checkpoint, device):
-    """The loop's state saved in a checkpoint: step, metrics, optimizer, RNGs.
-
-    The sampler's RNG lives on the device, and a CUDA generator's state cannot
-    seed a CPU one (or the reverse): a run resumes on the kind of device it
-    was saved on, or not at all; and under as many processes, each of which
-    has an optimizer shard and a sampler stream of its own.
-    """
+    """The loop's state saved in a checkpoint. A run resumes on the kind of
+    device it was saved on (a CUDA generator's state cannot seed a CPU one)
+    and in as many processes (each has its optimizer shard and sampler)."""
     try:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
                            weights_only=True)
@@ -818,56 +761,45 @@ def load_trainer_state(checkpoint, device):
     if state["device_type"] != device.type:
         raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
                          f"resume it there (--device {state['device_type']})")
-    saved, now = state["world_size"], real_dllm.world()[1]
-    if saved != now:
-        raise ValueError(f"{checkpoint} was saved by {saved} process(es); resume it with "
-                         f"{saved} (torchrun --nproc_per_node {saved}), not {now}")
+    if state["world_size"] != real_dllm.world()[1]:
+        raise ValueError(f"{checkpoint} was saved by {state['world_size']} process(es); resume "
+                         f"it with torchrun --nproc_per_node {state['world_size']}")
     return state
 
 # -----------------------------------------------------------------------------
 # 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
-#    compare:    for each n_t and method, the objective (1/B) sum_i R_i, the
-#                largest gradient difference to "naive", the peak activation
-#                bytes and the time of one policy_loss_backward call, every
-#                method on the same work (all n_t samples, none merged); BGPO
-#                once for each K of --mc-batch, and once more with repeated
-#                masks merged (merge_repeats), which is what training runs.
-#    grad-stats: on-policy BGPO gradients g_1..g_8 from 8 independent mask
-#                draws at each n_t, against a "golden" gradient g*, the mean
-#                of 8 draws at n_t = 256 (stratified):
-#                relative std   = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|
-#                relative bias  = |mean_r g_r - g*| / |g*|
-#                bias floor     = what noise alone gives the bias column:
-#                                 sqrt(std^2 / 8 + var(g*)) / |g*|
-#                relative error = mean_r |g_r - g*| / |g*|  (one draw's distance)
-#                Draw r takes max(n_t) masks per response; the row for n_t
-#                uses every (max/n_t)-th of them, itself a draw of n_t samples
-#                (stratified: the same offset k, spacing L/n_t), so the rows
-#                differ by n_t, not by luck.
 #    memory:     what grows with n_t is what autograd saves for backward
-#                (activations). A saved-tensor hook sees every one of them:
-#                count each storage once while it is held, and keep the peak.
-#                Works on any device; on CUDA the allocator's own peak is
-#                reported as well.
+#                (activations): a saved-tensor hook counts each storage once
+#                while it is held, and keeps the peak. On CUDA the
+#                allocator's own peak is reported too.
+#    compare:    per n_t and method, one policy_loss_backward call on the same
+#                work (all n_t samples, none merged): the objective, the
+#                largest gradient difference to "naive", peak activation
+#                bytes and time; BGPO once per K of --mc-batch, and once with
+#                repeated masks merged, as training runs it.
+#    grad-stats: BGPO gradients g_1..g_8 from 8 mask draws per n_t, against
+#                g*, the mean of 8 draws at n_t = 256 (stratified):
+#                rel. std = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|, rel. bias
+#                = |mean g - g*| / |g*|, its floor from noise alone =
+#                sqrt(std^2 / 8 + var(g*)) / |g*|, rel. error = mean_r |g_r -
+#                g*| / |g*|. The row for n_t takes every (max/n_t)-th mask of
+#                one draw of max(n_t) (itself a draw of n_t), so rows differ
+#                by n_t, not by luck.
 
 
 class _Held:
     """A saved tensor, as autograd keeps it until backward frees the graph."""
 
-    def __init__(self, meter, tensor):
-        self.meter, self.tensor = meter, tensor
-        self.key = tensor.untyped_storage().data_ptr()
-        meter._hold(self.key, tensor.untyped_storage().nbytes())
+    def __init__(self, meter, tensor, key):
+        self.meter, self.tensor, self.key = meter, tensor, key
 
     def __del__(self):
-        self.meter._release(self.key)
+        self.meter.release(self.key)
 
 
-class SavedTensorMeter:
+class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: peak bytes autograd holds for backward inside it.
-
-    Parameters (and anything else passed as `exclude`) are not activations and
-    are not counted.
+    Parameters (anything in `exclude`) are not activations and not counted.
 
     >>> w = torch.randn(1000, requires_grad=True)
     >>> with SavedTensorMeter(exclude=[w]) as meter:
@@ -878,38 +810,30 @@ class SavedTensorMeter:
 
     def __init__(self, exclude=()):
         self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.refs, self.sizes = {}, {}
+        self.holders, self.sizes = {}, {}  # per storage: saved tensors holding it, its bytes
         self.current_bytes = self.peak_bytes = 0
+        super().__init__(self.pack, lambda x: x.tensor if isinstance(x, _Held) else x)
 
-    def _hold(self, key, nbytes):
-        if key not in self.refs:
-            self.refs[key], self.sizes[key] = 0, nbytes
-            self.current_bytes += nbytes
+    def pack(self, tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key in self.exclude:
+            return tensor
+        if key not in self.holders:
+            self.holders[key], self.sizes[key] = 0, tensor.untyped_storage().nbytes()
+            self.current_bytes += self.sizes[key]
             self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-        self.refs[key] += 1
+        self.holders[key] += 1
+        return _Held(self, tensor, key)
 
-    def _release(self, key):
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            del self.refs[key]
+    def release(self, key):
+        self.holders[key] -= 1
+        if self.holders[key] == 0:
+            del self.holders[key]
             self.current_bytes -= self.sizes.pop(key)
 
-    def _pack(self, tensor):
-        if tensor.untyped_storage().data_ptr() in self.exclude:
-            return tensor
-        return _Held(self, tensor)
-
-    @staticmethod
-    def _unpack(held):
-        return held.tensor if isinstance(held, _Held) else held
-
     def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
 
 
 def activation_meter(model):
@@ -918,20 +842,19 @@ def activation_meter(model):
 
 
 def measure(fn, model, device):
-    """Run fn() once; return (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
+    """Run fn() once: (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     with activation_meter(model) as meter:
         result = fn()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    cuda_peak = torch.cuda.max_memory_allocated() - base if cuda else None
-    return result, meter.peak_bytes, seconds, cuda_peak
+    seconds = time.perf_counter() - start
+    return result, meter.peak_bytes, seconds, torch.cuda.max_memory_allocated() - base if cuda else None
 
 
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
@@ -965,40 +888,37 @@ def perturb_weights(model, scale, seed):
 
 def compare(policy, cfg, sample_counts, repeats=2):
     """Rows of method x n_t measurements (see the banner). With cfg.perturb > 0
-    the model is perturbed after the old terms are taken: off-policy, where
-    BGPO's objective is a strict lower bound of the naive one."""
-    model = policy.model
-    batch = fixed_batch(policy, cfg)
+    the model moves after the old terms are taken: off-policy, where BGPO's
+    objective is a strict lower bound of the naive one."""
+    model, batch = policy.model, fixed_batch(policy, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
-    original = {k: v.clone() for k, v in model.state_dict().items()} if cfg.perturb > 0 else None
+    original = {k: v.clone() for k, v in model.state_dict().items()} if cfg.perturb else None
     rows = []
     for n in sample_counts:
         masks, weights, old_terms = masks_and_old_terms(policy, batch, n, cfg.scheme, rng,
                                                         cfg.length_norm)
-        if cfg.perturb > 0:
+        if cfg.perturb:
             perturb_weights(model, cfg.perturb, cfg.seed)
         ks = sorted({min(k, n) for k in cfg.mc_batches})  # BGPO's samples per forward pass
-        calls = ([("naive", 1, False), ("two_pass", 1, False)]
-                 + [("bgpo", k, False) for k in ks] + [("bgpo", ks[0], True)])
-        reference = None
-        for method, k, merge in calls:
+        calls = [("naive", 1, False), ("two_pass", 1, False)] + [("bgpo", k, False) for k in ks]
+        for method, k, merge in calls + [("bgpo", ks[0], True)]:
             def call():
                 return measure_loss_call(policy, batch, masks, weights, old_terms, method,
                                          cfg.clip, k, merge)
-            runs = [call() for _ in range(repeats)]  # the fastest; memory is the same each time
-            loss, nbytes, _, cuda_peak = runs[-1]
+            runs = [call() for _ in range(repeats)]  # the fastest; the memory is the same
             grad = flat_grad(model)
-            reference = grad if reference is None else reference
-            row = dict(method=method, samples=n, mc_batch=k, merged=merge, objective=-loss,
+            if method == "naive":
+                reference = grad
+            row = dict(method=method, samples=n, mc_batch=k, merged=merge, objective=-runs[0][0],
                        grad_max_abs_diff=(grad - reference).abs().max().item(),
-                       peak_activation_bytes=nbytes, seconds=min(r[2] for r in runs),
-                       cuda_peak_bytes=cuda_peak)
+                       peak_activation_bytes=runs[0][1], seconds=min(r[2] for r in runs),
+                       cuda_peak_bytes=runs[0][3])
             if cfg.gradient_checkpointing:  # the same call with each layer checkpointed
                 real_dllm.set_checkpointing(model, True)
                 _, row["checkpointed_activation_bytes"], _, row["checkpointed_cuda_peak_bytes"] = call()
                 real_dllm.set_checkpointing(model, False)
             rows.append(row)
-        if cfg.perturb > 0:
+        if cfg.perturb:
             model.load_state_dict(original)
     model.zero_grad(set_to_none=True)
     return rows
@@ -1006,13 +926,9 @@ def compare(policy, cfg, sample_counts, repeats=2):
 
 def bgpo_gradient(policy, batch, masks, weights, old_terms):
     """The BGPO gradient on the given masks, as one flat vector."""
-    model = policy.model
-    model.zero_grad(set_to_none=True)
-    policy_loss_backward(model, batch.prompts, batch.responses, batch.advantages, masks,
-                         weights, old_terms, policy.mask_id, method="bgpo",
-                         prompt_mask=batch.prompt_mask)
-    grad = flat_grad(model)
-    model.zero_grad(set_to_none=True)
+    measure_loss_call(policy, batch, masks, weights, old_terms, "bgpo")
+    grad = flat_grad(policy.model)
+    policy.model.zero_grad(set_to_none=True)
     return grad
 
 
@@ -1054,14 +970,11 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
 
 
 def explain(policy, cfg):
-    """--explain: one BGPO step on a small batch, in the order of the algorithm,
-    with every number printed; then the two claims checked on that batch.
-    The weights are left as they were (no optimizer step is taken)."""
-    model = policy.model
-    batch = batch_with_both_signs(policy, cfg)
+    """--explain: one BGPO step on a small batch, every number printed in the
+    order of the algorithm; then the claims checked on that batch. The weights
+    are left as they were (no optimizer step)."""
+    model, batch = policy.model, batch_with_both_signs(policy, cfg)
     n, A = cfg.samples, batch.advantages
-    if not ((A > 0).any() and (A < 0).any()):
-        print("(no batch of the first 100 had advantages of both signs: one lemma only)")
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
           f"scheme {cfg.scheme}; '_' is [MASK], '.' the end token\n")
     print("1-2. rollout; reward r (exact match); advantage A = (r - mean r) / std r per group")
@@ -1072,8 +985,8 @@ def explain(policy, cfg):
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
     rule = {"stratified": "L/l", "uniform_t": "(L+1)/l"}[cfg.scheme] + " / L" * cfg.length_norm
-    print(f"\n3. n_t = {n} masks per response, weight w = {rule} for l of L tokens masked; the old "
-          "policy's l_old_j = w sum_i 1[masked] log p_old(y^i | y_t, x), without gradient")
+    print(f"\n3. n_t = {n} masks per response, weight w = {rule} for l of L tokens masked; the "
+          "old policy's l_old_j = w sum_i 1[masked] log p_old(y^i | y_t, x), without gradient")
     print("\n4. for j = 1..n_t: l_j (with a graph), d_j = l_j - l_old_j, g_j; "
           "L_j = -(1/B) sum_i g_ij; L_j.backward() frees sample j's graph")
     model.zero_grad(set_to_none=True)
@@ -1082,12 +995,12 @@ def explain(policy, cfg):
                          policy.mask_id, batch.prompt_mask)                   # (B,), a graph
         g = bgpo_sample_objective(term, old_terms[j], A, n, cfg.clip)        # (B,)
         for i in range(len(A)):
-            branch = "tangent A(1+d)/n_t" if A[i] >= 0 else "Jensen  A e^d/n_t"
             print(f"  j={j + 1} y{i + 1:<2} "
                   f"{show_tokens(policy, batch.prompts[i], batch.responses[i], masks[j, i])}"
-                  f"  masked={int(masks[j, i].sum())} w={weights[j, i]:.3f}  l_old={old_terms[j, i]:+.4f}"
-                  f"  l={term[i].item():+.4f}  d={term[i].item() - old_terms[j, i]:+.1e}"
-                  f"  g={g[i].item():+.4f}  {branch}")
+                  f"  masked={int(masks[j, i].sum())} w={weights[j, i]:.3f}"
+                  f"  l_old={old_terms[j, i]:+.4f}  l={term[i].item():+.4f}"
+                  f"  d={term[i].item() - old_terms[j, i]:+.1e}  g={g[i].item():+.4f}  "
+                  + ("tangent A(1+d)/n_t" if A[i] >= 0 else "Jensen  A e^d/n_t"))
         loss_j = -g.mean()
         loss_j.backward()
         print(f"  L_{j + 1} = {loss_j.item():+.6f}: backwarded; sample {j + 1}'s graph is freed\n")
@@ -1096,27 +1009,22 @@ def explain(policy, cfg):
 
 
 def explain_checks(policy, cfg, batch, masks, weights, old_terms):
-    """The claims, on the batch --explain printed: equal gradients on-policy,
-    R_lb <= R off-policy, and the activation memory of each method."""
-    model, n, A = policy.model, masks.shape[0], batch.advantages
-    inputs = (model, batch.prompts, batch.responses, A, masks, weights, old_terms, policy.mask_id)
-    bgpo_grad = flat_grad(model).clone()            # what step 4 accumulated
-    model.zero_grad(set_to_none=True)
-    policy_loss_backward(*inputs, method="naive", clip=cfg.clip, prompt_mask=batch.prompt_mask)
-    naive_grad = flat_grad(model).clone()
-    model.zero_grad(set_to_none=True)
+    """The claims on --explain's batch: equal gradients on-policy, R_lb <= R
+    off-policy, and the activation memory of each method."""
+    model, n, A = policy.model, len(masks), batch.advantages
+    bgpo_grad = flat_grad(model).clone()  # what step 4 accumulated
+    measure_loss_call(policy, batch, masks, weights, old_terms, "naive", cfg.clip)
+    naive_grad = flat_grad(model)
     print(f"check, on-policy: max |grad BGPO - grad naive| = "
           f"{(bgpo_grad - naive_grad).abs().max():.2e}, largest |grad naive| = "
           f"{naive_grad.abs().max():.2e}")
-    scale = cfg.perturb or 0.05
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    scale, original = cfg.perturb or 0.05, {k: v.clone() for k, v in model.state_dict().items()}
     perturb_weights(model, scale, cfg.seed)
     with torch.no_grad():
         terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights,
                            policy.mask_id, batch.prompt_mask)                 # (n_t, B)
         R = naive_objective(terms, old_terms, A, cfg.clip)                    # (B,)
-        R_lb = sum(bgpo_sample_objective(terms[j], old_terms[j], A, n, cfg.clip)
-                   for j in range(n))                                          # (B,)
+        R_lb = bgpo_sample_objective(terms, old_terms, A, n, cfg.clip).sum(0)  # (B,)
     model.load_state_dict(original)
     print(f"check, off-policy (weights moved by {scale} parameter stds): "
           "R_lb = sum_j g_j <= R = exp(mean_j d_j) A for every response")
@@ -1125,16 +1033,14 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
               f"{'holds' if R_lb[i] <= R[i] else 'FAILS'}")
     print("activation memory held for backward by one policy_loss_backward call on this batch")
     for method in METHODS:
-        _, nbytes, _, _ = measure(lambda: policy_loss_backward(
-            *inputs, method=method, clip=cfg.clip, prompt_mask=batch.prompt_mask),
-            model, policy.device)
+        nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, method, cfg.clip)[1]
         print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)
 
 
 def batch_with_both_signs(policy, cfg, tries=100):
-    """A seeded rollout in which some A > 0 and some A < 0, so that both of
-    BGPO's lemmas show (the first of `tries` draws that has both)."""
+    """The first of `tries` seeded rollouts with some A > 0 and some A < 0, so
+    that both of BGPO's lemmas show (or the last, with a note)."""
     data_rng = torch.Generator().manual_seed(cfg.seed)
     sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     for _ in range(tries):
@@ -1142,21 +1048,19 @@ def batch_with_both_signs(policy, cfg, tries=100):
             torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
         batch = rollout(policy, problems, cfg, sample_rng)
         if (batch.advantages > 0).any() and (batch.advantages < 0).any():
-            break
+            return batch
+    print(f"(no batch of the first {tries} had advantages of both signs: one lemma only)")
     return batch
 
 
 def show_tokens(policy, prompt, response, mask=None):
     """'37+48=' + '0_5': the prompt, then the response with '_' where masked."""
     tokenizer, end = policy.tokenizer, toy_dllm.end_token_id(policy.tokenizer)
-    prompt = [t for t in prompt.tolist() if t != end]  # left padding
-    text = tokenizer.decode(prompt).replace(" ", "")
+    text = tokenizer.decode([t for t in prompt.tolist() if t != end]).replace(" ", "")
     for i, t in enumerate(response.tolist()):
         masked = mask is not None and bool(mask[i])
         text += "_" if masked else "." if t == end else tokenizer.decode([t]).strip()
     return text
-
-
 
 
 def format_table(rows):
@@ -1179,45 +1083,44 @@ def format_table(rows):
     else:
         columns = [("scheme", lambda r: r["scheme"]), ("n_t", lambda r: r["samples"])] + [
             (head, lambda r, key=key: f"{r[key]:.3f}") for head, key in (
-                ("rel. std", "rel_std"), ("rel. bias", "rel_bias"), ("bias floor", "bias_floor"),
-                ("rel. error", "rel_error"))]
+                ("rel. std", "rel_std"), ("rel. bias", "rel_bias"),
+                ("bias floor", "bias_floor"), ("rel. error", "rel_error"))]
     table = [[head for head, _ in columns]] + [[str(cell(r)) for _, cell in columns] for r in rows]
     widths = [max(len(row[c]) for row in table) for c in range(len(columns))]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in table)
 
-# -----------------------------------------------------------------------------
-# 8. Command line, in the order main calls it: flags -> Config, device,
-#    model (the toy or --model), checks, then one of compare / grad-stats /
-#    explain / train. Every check raises ValueError; main says it in one line.
 
-MODES = ("compare", "grad_stats", "explain")  # one at most; none: train
-RESUMABLE = ("steps", "device", "save_every", "trust_remote_code",  # what --resume may change
-             "mc_batch", "mc_batches")
+# -----------------------------------------------------------------------------
+# 8. Command line, in the order main calls it: flags -> Config, device, model
+#    (the toy or --model), checks, then one of compare / grad-stats / explain /
+#    train. Every check raises ValueError; main says it in one line.
+
+MODES = ("compare", "grad_stats", "explain")  # at most one; none: train
+RESUMABLE = ("steps", "device", "save_every", "trust_remote_code", "mc_batch", "mc_batches")
 EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's batch, unless given
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with errors on one line: 'bgpo.py: error: ...', exit status 2."""
+    """argparse, with errors on one line: 'bgpo.py: error: ...', exit status 2.
+    Under torchrun every rank exits; rank 0 alone says why."""
 
     def error(self, message):
-        """Under torchrun every rank stops with status 2; rank 0 alone says why."""
-        shown = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message}\n" if shown else None)
+        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0"
+                  else None)
 
 
 def number(kind, low=None, high=None, above=None):
-    """An argparse type: a number of the given kind, >= low (or > above) and <= high."""
+    """An argparse type: a number of this kind, >= low (or > above), <= high."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind.__name__}") from None
+        lowest = f">= {low}" if low is not None else f"> {above}"
+        if not math.isfinite(value) or (low is not None and value < low) or (
+                above is not None and value <= above) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (math.isfinite(value) and (low is None or value >= low)
-                and (above is None or value > above) and (high is None or value <= high)):
-            bounds = [f">= {low}"] * (low is not None) + [f"> {above}"] * (above is not None)
-            raise argparse.ArgumentTypeError(
-                f"{text} must be {' and '.join(bounds + [f'<= {high}'] * (high is not None))}")
+                f"{text} must be {lowest}" + (f" and <= {high}" if high is not None else ""))
         return value
     return parse
 
@@ -1233,12 +1136,10 @@ class FirstAndList(argparse.Action):
 
 
 def build_parser():
-    """A flag for every Config field that has one, its help and default from there."""
+    """A flag for each Config field that has one, with its help and default."""
     p = Parser(prog="bgpo.py", description="BGPO on a tiny diffusion LM (or a real one).")
     modes = p.add_mutually_exclusive_group()
-    for f in dataclasses.fields(Config):
-        if not f.metadata:  # sample_counts, mc_batches: set by --samples, --mc-batch
-            continue
+    for f in (f for f in dataclasses.fields(Config) if f.metadata):
         keywords = dict(f.metadata)
         bounds = {k: keywords.pop(k) for k in ("low", "high", "above") if k in keywords}
         if f.default not in (None, False):
@@ -1246,13 +1147,12 @@ def build_parser():
         if f.type is bool:
             keywords["action"] = "store_true"
         elif keywords.pop("list", False):
-            each = number(int, **bounds)
-            keywords.update(type=lambda text: [each(n) for n in text.split(",")],
-                            action=FirstAndList)
+            keywords.update(type=lambda text, each=number(int, **bounds): [
+                each(part) for part in text.split(",")], action=FirstAndList)
         elif f.type in (int, float):
             keywords["type"] = number(f.type, **bounds)
-        group = modes if f.name in MODES else p
-        group.add_argument("--" + f.name.replace("_", "-"), **keywords)
+        (modes if f.name in MODES else p).add_argument("--" + f.name.replace("_", "-"),
+                                                       **keywords)
     p.set_defaults(**dataclasses.asdict(Config()))
     return p
 
@@ -1261,11 +1161,10 @@ def parse_args(parser, argv):
     """Flags, merged with the saved run's settings under --resume, and checked
     against each other. Returns (a Config, the checkpoint to resume or None)."""
     unset = object()
-    given = {k for k, v in vars(parser.parse_args(argv, namespace=argparse.Namespace(
+    given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(
         **{f.name: unset for f in dataclasses.fields(Config)}))).items()
         if v is not unset}  # the flags typed on the command line, not defaulted
-    args = vars(parser.parse_args(argv))
-    checkpoint = None
+    args, checkpoint = vars(parser.parse_args(argv)), None
     if args["resume"]:
         run, checkpoint = read_run(args["resume"], given)
         changed = sorted(k for k in given - {"resume", "out", *RESUMABLE}
@@ -1286,14 +1185,16 @@ def parse_args(parser, argv):
 
 def read_run(out, given):
     """run.json's settings and the latest checkpoint of the run saved in out."""
-    saved, found = os.path.join(out, "run.json"), checkpoints(out)
-    if not os.path.isfile(saved) or not found:
-        raise ValueError(f"--resume {out}: no run with a checkpoint there")
+    found = checkpoints(out)
     try:
-        with open(saved) as f:
+        with open(os.path.join(out, "run.json")) as f:
             run = json.load(f)
+    except FileNotFoundError:
+        run = found = None
     except (OSError, ValueError) as e:
         raise ValueError(f"--resume {out}: cannot read run.json ({e})") from e
+    if not found:
+        raise ValueError(f"--resume {out}: no run with a checkpoint there")
     if not isinstance(run, dict) or not {"samples", "method", "steps", "seed"} <= set(run):
         raise ValueError(f"--resume {out}: run.json does not hold this program's settings")
     if run.get("trust_remote_code") and "trust_remote_code" not in given:
@@ -1305,35 +1206,31 @@ def read_run(out, given):
 
 def check_flags(cfg):
     """Flags that are each fine but do not go together."""
-    if not (cfg.compare or cfg.grad_stats):
-        if len(cfg.sample_counts) != 1:
-            raise ValueError("--samples takes one n_t when training "
-                             "(lists are for --compare / --grad-stats)")
-        if len(cfg.mc_batches) != 1:
-            raise ValueError("--mc-batch takes one K when training (lists are for --compare)")
-        if cfg.prompts % cfg.updates_per_batch:
-            raise ValueError(f"--updates-per-batch {cfg.updates_per_batch} must divide "
-                             f"--prompts {cfg.prompts}")
-        if cfg.save_every and not cfg.out:
-            raise ValueError("--save-every needs --out")
+    training = not (cfg.compare or cfg.grad_stats)
+    if training and (len(cfg.sample_counts) > 1 or len(cfg.mc_batches) > 1):
+        raise ValueError("--samples and --mc-batch take one number when training "
+                         "(lists are for --compare / --grad-stats)")
+    if training and cfg.prompts % cfg.updates_per_batch:
+        raise ValueError(f"--updates-per-batch {cfg.updates_per_batch} must divide "
+                         f"--prompts {cfg.prompts}")
+    if training and cfg.save_every and not cfg.out:
+        raise ValueError("--save-every needs --out")
     if cfg.lora_rank is None and (cfg.lora_alpha is not None or cfg.lora_targets):
         raise ValueError("--lora-alpha and --lora-targets need --lora-rank")
     size = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started
-    if size > 1:
-        if cfg.compare or cfg.grad_stats or cfg.explain or cfg.lora_rank or cfg.activation_budget:
-            raise ValueError("--compare, --grad-stats, --explain, --lora-rank and "
-                             "--activation-budget run in one process, not under torchrun")
-        if cfg.prompts % (size * cfg.updates_per_batch):
-            raise ValueError(f"--prompts {cfg.prompts} must divide into {size} processes "
-                             f"x {cfg.updates_per_batch} updates per batch")
+    if size > 1 and (cfg.compare or cfg.grad_stats or cfg.explain or cfg.lora_rank
+                     or cfg.activation_budget):
+        raise ValueError("--compare, --grad-stats, --explain, --lora-rank and "
+                         "--activation-budget run in one process, not under torchrun")
+    if size > 1 and cfg.prompts % (size * cfg.updates_per_batch):
+        raise ValueError(f"--prompts {cfg.prompts} must divide into {size} processes "
+                         f"x {cfg.updates_per_batch} updates per batch")
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextlib.contextmanager
@@ -1346,18 +1243,15 @@ def blame(source):
 
 
 def load_policy(cfg, device, checkpoint=None):
-    """The toy warm start, or the model of --model (or --resume), with its mask
-    id and response length checked against the task, and LoRA adapters and
+    """The toy warm start, or the model of --model (or --resume), checked
+    against the task (mask id, response length), with LoRA adapters and
     activation checkpointing where the flags ask for them."""
     path = checkpoint or cfg.model
     saved = saved_settings(path) if path else {}
-    if path is None:
-        model, tokenizer, task = toy_dllm.warm_start(
-            n_digits=cfg.digits, n_test=cfg.test_size, response_length=cfg.response_length)[:3]
-    else:
-        task = toy_dllm.make_task(cfg.digits, cfg.test_size)
-        with blame(f"--resume {cfg.resume}" if checkpoint else f"--model {path}"):
-            model, tokenizer = load_model(cfg, path, saved)
+    task = toy_dllm.make_task(cfg.digits, cfg.test_size)
+    source = f"--resume {cfg.resume}" if checkpoint else f"--model {path}"
+    with blame(source) if path else contextlib.nullcontext():
+        model, tokenizer = load_model(cfg, path, saved)
     mask_id = next((m for m in (cfg.mask_id, saved.get("mask_id"), tokenizer.mask_token_id)
                     if m is not None), None)
     vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
@@ -1367,23 +1261,22 @@ def load_policy(cfg, device, checkpoint=None):
         raise ValueError(f"--mask-id {mask_id} is outside the model's vocabulary of {vocab}")
     with blame(path):
         toy_dllm.end_token_id(tokenizer)
-    answer_ids = tokenizer(task.answers(task.test), add_special_tokens=False)["input_ids"]
-    longest = max(len(ids) for ids in answer_ids)
+    longest = max(len(ids) for ids in tokenizer(task.answers(task.test),
+                                                add_special_tokens=False)["input_ids"])
     length = (cfg.response_length or saved.get("response_length")
               or (task.answer_length if path is None else longest + 1))
     if length < longest:
         raise ValueError(f"--response-length {length} is shorter than the longest answer "
                          f"({longest} tokens)")
     prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(task.test))
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and prompts.shape[1] + length > max_pos:
-        raise ValueError(f"prompt ({prompts.shape[1]}) + response ({length}) tokens exceed "
-                         f"the model's {max_pos} positions")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and prompts.shape[1] + length > positions:
+        raise ValueError(f"prompt ({prompts.shape[1]}) + response ({length}) tokens exceed the "
+                         f"model's {positions} positions")
     if padded is not None and not real_dllm.hides_padding(model):
         print(f"note: {path} does not hide padding with an attention mask; shorter prompts "
               "are read with the end tokens that pad them on the left", file=sys.stderr)
-    model = model.to(device).eval()
-    lora_base = saved.get("lora_base")
+    model, lora_base = model.to(device).eval(), saved.get("lora_base")
     if cfg.lora_rank:
         if not real_dllm.has_lora(model) and path is not None:  # the model the adapters adapt
             lora_base = os.path.abspath(path) if os.path.exists(path) else path
@@ -1400,17 +1293,16 @@ def load_policy(cfg, device, checkpoint=None):
 
 
 def load_model(cfg, path, saved):
-    """(model, tokenizer) of the checkpoint at path. A LoRA checkpoint holds
-    adapters only: they go on its base model (bgpo.json's lora_base; None:
-    the toy)."""
+    """(model, tokenizer): the toy warm start (path None), or the checkpoint
+    at path. A LoRA checkpoint holds adapters only: they go on its base model
+    (bgpo.json's lora_base; None: the toy)."""
+    if path is None:
+        return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
+                                   response_length=cfg.response_length)[:2]
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = saved.get("lora_base")
-        if base is None:
-            model, tokenizer = toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
-                                                   response_length=cfg.response_length)[:2]
-        else:
-            with blame(f"its base model {base}"):
-                model, tokenizer = load_model(cfg, base, saved_settings(base))
+        with blame(f"its base model {base}"):
+            model, tokenizer = load_model(cfg, base, base and saved_settings(base))
         return real_dllm.load_lora(model, path), tokenizer
     shifted = {"yes": True, "no": False}.get(cfg.shifted_logits, saved.get("shifted_logits", "auto"))
     return load_checkpoint(path, cfg.trust_remote_code, shifted)
@@ -1418,54 +1310,45 @@ def load_model(cfg, path, saved):
 
 def check_activation_budget(policy, cfg):
     """--activation-budget: one loss call of the run's method at its n_t and K
-    (--mc-batch), on a rollout batch of the run's size, measured by the
-    saved-tensor meter (as --compare does). More than the budget stops here,
-    before anything is written, naming the largest n_t that fits (memory
-    grows with n_t for the naive objective and up to K for BGPO, so a
-    bisection finds it)."""
-    batch = fixed_batch(policy, cfg)
+    on a batch of its size, measured as --compare does. Over the budget it
+    stops before anything is written, naming the largest n_t that fits (a
+    bisection: memory grows with n_t for naive, up to K for BGPO)."""
+    batch, need = fixed_batch(policy, cfg), {}  # MB of activations at each n_t tried
 
-    def megabytes(n):
+    def fits(n):
         masks, weights, old_terms = masks_and_old_terms(
             policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
-        nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, cfg.method,
-                                   cfg.clip, cfg.mc_batch)[1]
+        need[n] = measure_loss_call(policy, batch, masks, weights, old_terms, cfg.method,
+                                    cfg.clip, cfg.mc_batch)[1] / 2**20
         policy.model.zero_grad(set_to_none=True)
-        return nbytes / 2**20
+        return need[n] <= cfg.activation_budget
 
-    need = megabytes(cfg.samples)
-    if need <= cfg.activation_budget:
+    if fits(cfg.samples):
         return
-    fits, too_many = 0, cfg.samples  # the largest n_t within the budget lies in [fits, too_many)
-    while too_many - fits > 1:
-        n = (fits + too_many) // 2
-        fits, too_many = (n, too_many) if megabytes(n) <= cfg.activation_budget else (fits, n)
-    k = f" (--mc-batch {cfg.mc_batch})" if cfg.mc_batch > 1 else ""
+    most, too_many = 0, cfg.samples  # the largest n_t that fits lies in [most, too_many)
+    while too_many - most > 1:
+        n = (most + too_many) // 2
+        most, too_many = (n, too_many) if fits(n) else (most, n)
+    with_k = f" with --mc-batch {cfg.mc_batch}" if cfg.mc_batch > 1 else ""
     raise ValueError(f"--activation-budget {cfg.activation_budget:g} MB: {cfg.method} at n_t = "
-                     f"{cfg.samples}{k} needs {need:.1f} MB of activations; "
-                     + (f"the largest n_t that fits is {fits}" if fits else "not even n_t = 1 fits"))
+                     f"{cfg.samples}{with_k} needs {need[cfg.samples]:.1f} MB of activations; "
+                     + (f"the largest n_t that fits is {most}" if most else "not even n_t = 1 fits"))
 
 
-def check_sampler_args(cfg, length):
-    """--block-length and --sampler-steps against the response length."""
-    block = cfg.block_length or length
-    if length % block:
-        raise ValueError(f"--block-length {block} must divide the response length {length}")
-    if (cfg.sampler_steps or length) % (length // block):
-        raise ValueError(f"--sampler-steps {cfg.sampler_steps} must be a multiple of the "
-                         f"number of blocks ({length // block})")
-
-
-def prepare_out(out, resuming):
-    """Make sure --out is a writable directory that holds no other run."""
+def prepare_out(cfg, policy, resuming):
+    """--out: a writable directory holding no other run; run.json written (rank 0)."""
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        os.makedirs(cfg.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.out):
             pass
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from e
-    if not resuming and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise ValueError(f"--out {out} already holds a run; use --resume {out} or another --out")
+        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror or e})") from e
+    if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
+        raise ValueError(f"--out {cfg.out} already holds a run; use --resume {cfg.out} or "
+                         "another --out")
+    if real_dllm.world()[0] == 0:
+        run = dict(dataclasses.asdict(cfg), response_length=policy.response_length)
+        toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"), json.dumps(run, indent=1) + "\n")
 
 
 def main(argv=None):
@@ -1476,12 +1359,12 @@ def main(argv=None):
         if real_dllm.launched_by_torchrun():
             device, joined = real_dllm.start(device)
         policy = load_policy(cfg, device, checkpoint)
-        check_sampler_args(cfg, policy.response_length)
+        with blame(f"--block-length {cfg.block_length}, --sampler-steps {cfg.sampler_steps}"):
+            toy_dllm.sampler_blocks(policy.response_length, cfg.block_length, cfg.sampler_steps)
         if real_dllm.world()[1] > 1:
             real_dllm.shard(policy.model)
         if cfg.compare or cfg.grad_stats:
-            rows = (compare(policy, cfg, cfg.sample_counts) if cfg.compare
-                    else grad_stats(policy, cfg, cfg.sample_counts))
+            rows = (compare if cfg.compare else grad_stats)(policy, cfg, cfg.sample_counts)
             print(json.dumps(rows, indent=1) if cfg.json else format_table(rows))
             return 0
         if cfg.explain:
@@ -1492,11 +1375,7 @@ def main(argv=None):
         with blame(f"--resume {cfg.resume}"):
             resume_state = load_trainer_state(checkpoint, device) if checkpoint else None
         if cfg.out:  # only now, with every check passed, is anything written
-            prepare_out(cfg.out, resuming=checkpoint is not None)
-            if real_dllm.world()[0] == 0:
-                run = dict(dataclasses.asdict(cfg), response_length=policy.response_length)
-                toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"),
-                                      json.dumps(run, indent=1) + "\n")
+            prepare_out(cfg, policy, resuming=checkpoint is not None)
     except ValueError as e:
         parser.error(real_dllm.first_line(e))
     say(f"BGPO ({cfg.method}, n_t={cfg.samples}) on {cfg.model or 'the toy diffusion LM'}, "

@@ -308,6 +308,22 @@ def transfer_schedule(block_length, steps):
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
+def sampler_blocks(length, block_length=None, steps=None):
+    """(block length, number of blocks, steps per block) of a response of
+    `length` tokens: the block length divides it (default: one block), the
+    steps are a multiple of the blocks (default: one token per step)."""
+    block_length = length if block_length is None else block_length
+    steps = length if steps is None else steps
+    if length <= 0:
+        raise ValueError(f"length must be positive, got {length}")
+    if block_length <= 0 or length % block_length:
+        raise ValueError(f"block_length={block_length} must be positive and divide length={length}")
+    n_blocks = length // block_length
+    if steps <= 0 or steps % n_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
+    return block_length, n_blocks, steps // n_blocks
+
+
 @torch.no_grad()
 def generate(model, prompts, mask_id, length, block_length=None, steps=None,
              temperature=0.0, remasking="low_confidence", generator=None, prompt_mask=None):
@@ -328,15 +344,7 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
     Returns:
         Long (B, L): the responses, without any mask token.
     """
-    block_length = length if block_length is None else block_length
-    steps = length if steps is None else steps
-    if length <= 0:
-        raise ValueError(f"length must be positive, got {length}")
-    if block_length <= 0 or length % block_length:
-        raise ValueError(f"block_length={block_length} must be positive and divide length={length}")
-    n_blocks = length // block_length
-    if steps <= 0 or steps % n_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
+    block_length, n_blocks, steps_per_block = sampler_blocks(length, block_length, steps)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if remasking not in ("low_confidence", "random"):
@@ -348,7 +356,7 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
     for block in range(n_blocks):
         lo = Lp + block * block_length
         hi = lo + block_length
-        for k in transfer_schedule(block_length, steps // n_blocks):
+        for k in transfer_schedule(block_length, steps_per_block):
             if k == 0:
                 continue
             logits = forward_logits(model, x, attention)[:, lo:hi].float()  # (B, Lb, V)
