@@ -26,7 +26,6 @@ gradient on-policy (every d_j = 0).
 
 Read in this order: group_advantages, sample_masks, elbo_term,
 bgpo_sample_objective, bgpo_loss_backward, rollout, train, rl_step.
-`python bgpo.py --explain` prints one step with every number.
 """
 
 import argparse
@@ -40,6 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import real_dllm
 import toy_dllm
-from real_dllm import load_checkpoint  # noqa: F401 (public here too: (model, tokenizer) from a path)
+from real_dllm import load_checkpoint  # noqa: F401 (public here too: (model, tokenizer))
 
 METHODS = ("bgpo", "naive", "two_pass")
 SCHEMES = ("stratified", "uniform_t")
@@ -70,8 +70,7 @@ def group_advantages(rewards, group_size):
     r = rewards.view(-1, group_size)                          # (P, G)
     std = r.std(dim=1, keepdim=True)                          # unbiased, as in GRPO
     centred = r - r.mean(dim=1, keepdim=True)
-    adv = torch.where(std > 0, centred / std.clamp_min(1e-12), 0.0)
-    return adv.flatten()
+    return torch.where(std > 0, centred / std.clamp_min(1e-12), 0.0).flatten()
 
 # -----------------------------------------------------------------------------
 # 2. The ELBO and its Monte-Carlo estimate
@@ -94,15 +93,9 @@ def group_advantages(rewards, group_size):
 
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
-    """Draw n_samples masks per response, and their ELBO weights.
-
-    Args:
-        responses: Long (B, L); only its shape and device are used.
-        n_samples: n_t >= 1.
-        generator: a torch.Generator (any device) for reproducible masks.
-        scheme: "stratified" or "uniform_t" (see the banner above).
-    Returns:
-        masks Bool (n_samples, B, L), weights Float (n_samples, B).
+    """n_t = n_samples masks per response of responses (B, L), only its shape
+    used, and their ELBO weights: masks Bool (n_t, B, L), weights Float
+    (n_t, B). scheme: "stratified" or "uniform_t" (see the banner).
 
     >>> masks, w = sample_masks(torch.zeros(1, 4, dtype=torch.long), 4)
     >>> sorted(masks.sum(-1).flatten().tolist())  # n_t = L: each count 1..L once
@@ -138,17 +131,11 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
 
 
 def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None):
-    """One Monte-Carlo sample l_j of the ELBO for every response; differentiable.
-
-    Args:
-        model: a masked LM as toy_dllm.forward_logits reads one;
-        prompts: Long (B, Lp); responses: Long (B, L);
-        mask: Bool (B, L), True where y_t has [MASK]; weight: Float (B,);
-        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
-    Returns:
-        Float (B,): w * sum_i mask_i * log p(y^i | y_t, x).
-    """
-    _check_term_inputs(prompts, responses, mask, weight)
+    """l_j = w * sum_i mask_i * log p(y^i | y_t, x) of every response: Float
+    (B,), differentiable. prompts Long (B, Lp), responses Long (B, L), mask
+    Bool (B, L) True where y_t has [MASK], weight Float (B,), prompt_mask
+    Bool (B, Lp) False at left padding, or None."""
+    check_shapes(prompts, responses, mask[None], weight[None])
     return elbo_terms_at_once(model, prompts, responses, mask[None], weight[None], mask_id,
                               prompt_mask)[0]
 
@@ -171,29 +158,31 @@ def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=N
                mc_batch=1):
     """elbo_term of each of the n_t masks, mc_batch masks to a forward pass:
     Float (n_t, B). Every graph is kept: for old terms, use torch.no_grad()."""
-    _check_term_inputs(prompts, responses, masks[0], weights[0])
+    check_shapes(prompts, responses, masks, weights)
     return torch.cat([elbo_terms_at_once(model, prompts, responses, m, w, mask_id, prompt_mask)
                       for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
 
 
-def _check_term_inputs(prompts, responses, mask, weight):
-    B, L = responses.shape
-    if prompts.dim() != 2 or prompts.shape[0] != B:
-        raise ValueError(f"prompts must be (B={B}, Lp), got shape {tuple(prompts.shape)}")
-    if mask.shape != (B, L):
-        raise ValueError(f"mask must have the responses' shape {(B, L)}, got {tuple(mask.shape)}")
-    if weight.shape != (B,):
-        raise ValueError(f"weight must be ({B},), got shape {tuple(weight.shape)}")
+def check_shapes(prompts, responses, masks, weights, **more):
+    """Shapes checked once, at the door; ValueError names the first that is wrong."""
+    if responses.dim() != 2 or masks.dim() != 3 or masks.shape[1:] != responses.shape \
+            or len(masks) < 1:
+        raise ValueError(f"masks must be (n_samples, B, L) for responses (B, L), got "
+                         f"{tuple(masks.shape)} and {tuple(responses.shape)}")
+    (n, B, _), Lp = masks.shape, prompts.shape[-1]
+    shapes = dict(prompts=(B, Lp), weights=(n, B), advantages=(B,), old_terms=(n, B),
+                  prompt_mask=(B, Lp))
+    for name, x in dict(more, prompts=prompts, weights=weights).items():
+        if x is not None and tuple(x.shape) != shapes[name]:
+            raise ValueError(f"{name} must have shape {shapes[name]}, got {tuple(x.shape)}")
 
 
 def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False,
                         old=True, mc_batch=1):
-    """Step 3 on a Rollout: masks (n_t, B, L), weights (n_t, B), and the old
-    policy's terms l_old_j (n_t, B), without gradient: the model as it is now.
-    old=False gives None instead: on-policy they are the new terms' values,
-    which policy_loss_backward takes from its own forward passes.
-    length_norm divides every l_j by the response length L (the official
-    code's per-token ELBO), so d_j and a clip band act per token."""
+    """Step 3 on a Rollout: masks (n_t, B, L), weights (n_t, B) and the old
+    policy's l_old_j (n_t, B), without gradient; or None with old=False (on-
+    policy policy_loss_backward takes them from its own forward passes).
+    length_norm divides each l_j by L, the official code's per-token ELBO."""
     masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
     if length_norm:
         weights = weights / batch.responses.shape[1]
@@ -206,15 +195,12 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
 
 
 def merge_repeats(masks, weights, old_terms=None):
-    """The distinct samples of each response, each counted for its copies.
-
-    Samples of a response with the same mask have the same l_j, so a sum over
-    samples may run over the distinct ones, each times its count: the same
-    estimate, fewer forward passes where responses are short (a 3-token
-    answer has 7 masks; 16 stratified samples hold about 6.3 distinct ones).
-    Returns masks, weights, old_terms (or None) and counts, with n' <= n_t
-    samples per response, n' the most distinct any response has; a response
-    with fewer has count 0, weight 0 and old term 0 in its last slots.
+    """The distinct samples of each response, with counts: samples of a response
+    with the same mask have the same l_j, so a sum over the n_t samples may
+    run over the distinct ones, each times its count (a 3-token answer has 7
+    masks; 16 samples hold about 6.3 distinct). Returns masks, weights,
+    old_terms and counts with n' <= n_t slots, n' the most any response needs;
+    a response with fewer has count 0, weight 0 and old term 0 in its last.
 
     >>> masks = torch.tensor([[[1, 0]], [[0, 1]], [[1, 0]]]).bool()  # (n_t, B, L) = (3, 1, 2)
     >>> masks, weights, _, counts = merge_repeats(masks, torch.full((3, 1), 2.0))
@@ -300,9 +286,9 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
 def naive_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
                         counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
     """R = exp(mean_j d_j) A: all n_t graphs alive at once, one backward."""
-    terms = torch.cat([elbo_terms_at_once(model, prompts, responses, m, w, mask_id, prompt_mask)
-                       for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
-    old_terms = terms.detach() if old_terms is None else old_terms   # (n_t, B), n_t graphs
+    terms = elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask,
+                       mc_batch)                                          # (n_t, B), n_t graphs
+    old_terms = terms.detach() if old_terms is None else old_terms
     loss = -naive_objective(terms, old_terms, advantages, clip, counts).mean()
     loss.backward()
     return loss.item()
@@ -310,10 +296,9 @@ def naive_loss_backward(model, prompts, responses, advantages, masks, weights, o
 
 def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
                            counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
-    """The naive gradient at constant memory. R depends on the samples only
-    through m = mean_j d_j, so dL/dtheta = -(1/B) sum_i (dR_i/dm_i) (1/n_t)
-    sum_j dl_ij/dtheta: pass 1 (no grad; on-policy m = 0 is known and it is
-    skipped) finds c_i = dR_i/dm_i, pass 2 backwards -(1/B) sum_i c_i l_ij / n_t
+    """The naive gradient at constant memory: R depends on the samples only
+    through m = mean_j d_j, so pass 1 (no grad; skipped on-policy, m = 0)
+    finds c_i = dR_i/dm_i, and pass 2 backwards -(1/B) sum_i c_i l_ij / n_t
     one sample at a time."""
     n_t = int(counts[:, 0].sum())
     mean_d = torch.zeros_like(advantages)
@@ -337,27 +322,22 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
                          mc_batch=1, merge=True):
-    """Backward the RL loss L = -(1/B) sum_i R_i into the model's .grad (it
-    accumulates, as in gradient accumulation); returns L's value.
-
-    Args:
-        prompts: Long (B, Lp); responses: Long (B, L); advantages: Float (B,);
-        masks: Bool (n_t, B, L) and weights: Float (n_t, B) from sample_masks;
-        old_terms: Float (n_t, B), the old policy's l_j on the same masks, or
-            None on-policy: each l_j's own value, detached, from the same
-            forward pass (identical to passing them, without n_t extra passes);
-        method: "bgpo" (R_lb, one sample's graph alive at a time), "naive"
-            (exp(mean d) A, all n_t graphs, one backward) or "two_pass" (the
-            naive gradient at constant memory);
-        clip: PPO epsilon, or None (the paper) for no clipping;
-        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding);
-        mc_batch: K, samples per forward pass: 1 is the least memory; the
-            same gradient up to floating-point rounding;
-        merge: compute a mask that a response drew more than once only once,
-            counted for its copies (merge_repeats): the same loss and gradient.
-    """
-    _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
-                       prompt_mask, mc_batch)
+    """Backward L = -(1/B) sum_i R_i into the model's .grad (accumulating);
+    returns L's value. prompts (B, Lp), responses (B, L), advantages (B,);
+    masks (n_t, B, L) and weights (n_t, B) from sample_masks; old_terms (n_t,
+    B), the old policy's l_j on them, or None on-policy (each l_j's own value,
+    detached: the same numbers without n_t extra passes). method: "bgpo",
+    "naive" (all n_t graphs at once) or "two_pass" (the naive gradient at
+    constant memory); clip: PPO epsilon or None (the paper); prompt_mask
+    (B, Lp), False at left padding, or None; mc_batch: samples per forward
+    pass; merge: compute repeated masks once (merge_repeats). mc_batch and
+    merge change the gradient only by float rounding."""
+    check_shapes(prompts, responses, masks, weights, advantages=advantages, old_terms=old_terms,
+                 prompt_mask=prompt_mask)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    if not isinstance(mc_batch, int) or mc_batch < 1:
+        raise ValueError(f"mc_batch must be an integer >= 1, got {mc_batch!r}")
     if old_terms is not None:
         old_terms = old_terms.detach()  # the old policy's terms are constants of the objective
     if merge:
@@ -368,24 +348,6 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                 "two_pass": two_pass_loss_backward}[method]
     return backward(model, prompts, responses, advantages.detach(), masks, weights, old_terms,
                     counts, mask_id, clip, prompt_mask, mc_batch)
-
-
-def _check_loss_inputs(prompts, responses, advantages, masks, weights, old_terms, method,
-                       prompt_mask, mc_batch):
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    if responses.dim() != 2 or masks.dim() != 3 or masks.shape[1:] != responses.shape \
-            or len(masks) < 1:
-        raise ValueError(f"masks must be (n_samples, B, L) for responses (B, L), got "
-                         f"{tuple(masks.shape)} and {tuple(responses.shape)}")
-    (n, B, L), Lp = masks.shape, prompts.shape[-1]
-    for name, x, shape in (("advantages", advantages, (B,)), ("weights", weights, (n, B)),
-                           ("old_terms", old_terms, (n, B)), ("prompts", prompts, (B, Lp)),
-                           ("prompt_mask", prompt_mask, (B, Lp))):
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    if not isinstance(mc_batch, int) or mc_batch < 1:
-        raise ValueError(f"mc_batch must be an integer >= 1, got {mc_batch!r}")
 
 # -----------------------------------------------------------------------------
 # 4. Rollout: G responses per prompt, their rewards and advantages
@@ -435,14 +397,12 @@ def rollout(policy, problems, cfg, generator):
 
 # -----------------------------------------------------------------------------
 # 5. The GRPO-style loop
-#    each step: rollout -> advantages -> masks (+ old terms, off-policy) ->
+#    each step: rollout -> advantages -> masks (+ old terms if off-policy) ->
 #    updates_per_batch mini-batch updates through policy_loss_backward -> log.
 #    With 1 update the old policy is the current one (on-policy: BGPO equals
-#    the naive objective, and the old terms are the new terms' own values,
-#    taken from the same forward passes); with 2 the second mini-batch is
-#    off-policy, and the old terms need their own no-grad passes.
-#    Under torchrun (real_dllm.py) each rank rolls out its share of the
-#    prompts; the few lines that see to it are marked "torchrun".
+#    the naive objective, and the old terms are the new terms' own values);
+#    with 2 the second mini-batch is off-policy. Under torchrun (real_dllm.py)
+#    each rank rolls out its share of the prompts: the lines marked "torchrun".
 
 
 def flag(default, help, **keywords):
@@ -456,21 +416,17 @@ class Config:
     """Every setting of a run, its default and its flag's help (--help lists
     them). Built once, from the command line, and never changed."""
     # what to do: train, unless one of these is given
-    compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t (value, gradient, "
-                                "memory, time)")
+    compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t, memory and time")
     grad_stats: bool = flag(False, "table: std, bias and error of the BGPO gradient per n_t")
-    explain: bool = flag(False, "one BGPO step on 2 prompts x 4 responses, n_t = 2 unless "
-                                "given, every number printed")
+    explain: bool = flag(False, "one BGPO step on a small batch, every number printed")
     # the objective and its Monte-Carlo estimate
     method: str = flag("bgpo", "objective for training", choices=METHODS)
-    samples: int = flag(16, "n_t, Monte-Carlo samples per response (a list for --compare, "
-                            "--grad-stats)", low=1, list=True, metavar="N[,N...]")
+    samples: int = flag(16, "n_t, samples per response (--compare: a list)", low=1, list=True)
     sample_counts: tuple = (16,)  # all of --samples 1,4,16
-    mc_batch: int = flag(1, "samples per forward pass: more is faster where memory allows "
-                            "(a list for --compare)", low=1, list=True, metavar="K[,K...]")
+    mc_batch: int = flag(1, "K, samples per forward pass (--compare: a list)", low=1, list=True)
     mc_batches: tuple = (1,)  # all of --mc-batch 1,4,16
     scheme: str = flag("stratified", "how masks are drawn", choices=SCHEMES)
-    clip: float = flag(None, "PPO clipping of the ratio (the paper: none)", above=0, high=1)
+    clip: float = flag(None, "PPO clipping epsilon of the ratio (the paper: none)", above=0, high=1)
     length_norm: bool = flag(False, "divide each ELBO term by the response length")
     # the GRPO loop
     steps: int = flag(275, "RL steps", low=1)
@@ -478,8 +434,7 @@ class Config:
     group: int = flag(8, "G, responses per prompt", low=2)
     lr: float = flag(1e-4, "AdamW learning rate", above=0)
     max_grad_norm: float = flag(None, "clip the gradient's norm to this", above=0)
-    updates_per_batch: int = flag(1, "updates per rollout, on disjoint groups (1: on-policy)",
-                                  low=1)
+    updates_per_batch: int = flag(1, "updates per rollout on disjoint groups (1: on-policy)", low=1)
     seed: int = flag(0, "seed of prompts, responses and masks", low=0)
     device: str = flag("auto", "where to run", choices=("auto", "cpu", "cuda"))
     # the sampler
@@ -488,41 +443,31 @@ class Config:
     block_length: int = flag(None, "sampler block length (default: L)", low=1)
     # evaluation, measurements, output
     eval_every: int = flag(25, "steps between test evaluations", low=1)
-    perturb: float = flag(0.0, "--compare, --explain: move the weights by this many "
-                               "parameter stds (off-policy)", low=0)
+    perturb: float = flag(0.0, "--compare, --explain: move weights by this many stds", low=0)
     json: bool = flag(False, "print --compare, --grad-stats rows as JSON")
     out: str = flag(None, "write metrics.jsonl, summary.json and the model here", metavar="DIR")
     save_every: int = flag(None, "checkpoint every N steps under --out", low=1)
     resume: str = flag(None, "continue the run saved in DIR (its --out)", metavar="DIR")
     # the model and the task
-    model: str = flag(None, "a transformers masked-LM checkpoint (default: the toy)",
-                      metavar="PATH")
+    model: str = flag(None, "a transformers masked LM (default: the toy)", metavar="PATH")
     trust_remote_code: bool = flag(False, "let the checkpoint's own code run (LLaDA, Dream)")
     mask_id: int = flag(None, "[MASK] id, if the tokenizer names none", low=0)
-    shifted_logits: str = flag("auto", "read token i at position i-1, as Dream (auto: by "
-                                       "model type)", choices=("auto", "yes", "no"))
-    response_length: int = flag(None, "L: the answer, then end tokens (default: the answer; "
-                                      "--model: + 1)", low=1)
+    shifted_logits: str = flag("auto", "read token i at i-1 (Dream)", choices=("auto", "yes", "no"))
+    response_length: int = flag(None, "L: the answer, then end tokens (default: the answer)", low=1)
     digits: int = flag(2, "operand digits of the task", low=2, high=9)
     test_size: int = flag(1000, "test problems", low=1)
     # memory levers for a real diffusion LM (real_dllm.py)
-    lora_rank: int = flag(None, "train LoRA adapters of this rank (peft), not the weights",
-                          low=1)
-    lora_alpha: float = flag(None, "LoRA updates are scaled by alpha / rank (default: rank)",
-                             above=0)
-    lora_targets: str = flag(None, "modules given adapters (default: each linear layer but "
-                                   "the head)", metavar="NAME[,NAME...]")
-    gradient_checkpointing: bool = flag(False, "recompute each layer's activations in "
-                                               "backward; --compare: a column with it")
-    activation_budget: float = flag(None, "stop before training if one loss call needs more "
-                                          "activation MB", above=0, metavar="MB")
+    lora_rank: int = flag(None, "train LoRA adapters of this rank, not the weights", low=1)
+    lora_alpha: float = flag(None, "LoRA updates scaled by alpha / rank (default: rank)", above=0)
+    lora_targets: str = flag(None, "modules given adapters (default: linear layers but the head)")
+    gradient_checkpointing: bool = flag(False, "recompute layers' activations in backward")
+    activation_budget: float = flag(None, "stop if a loss call needs more activation MB", above=0)
 
 
 def train(policy, cfg, out=None, resume_state=None):
-    """The RL loop; returns the summary (out/summary.json). Each step appends a
-    record to the metrics (out/metrics.jsonl, rewritten atomically), each
-    cfg.save_every steps a checkpoint is written, and resume_state (from
-    load_trainer_state) continues a run exactly."""
+    """The RL loop; returns the summary. Each step appends a record to the
+    metrics (out/metrics.jsonl), each cfg.save_every steps a checkpoint is
+    saved, and resume_state (load_trainer_state) continues a run exactly."""
     rank, size = real_dllm.world()                                    # torchrun; (0, 1) if not
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)               # prompts and masks
@@ -561,9 +506,8 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
         policy, batch, cfg.samples, cfg.scheme, mask_rng, cfg.length_norm,
         old=cfg.updates_per_batch > 1, mc_batch=cfg.mc_batch)
     losses, skipped, peak = [], 0, 0
-    n_prompts = len(batch.responses) // cfg.group
-    for minibatch in torch.arange(n_prompts).chunk(cfg.updates_per_batch):  # its prompts
-        rows = (minibatch[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # groups
+    for minibatch in torch.arange(len(batch.responses) // cfg.group).chunk(cfg.updates_per_batch):
+        rows = (minibatch[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # its groups
         mini = batch[rows]
         optimizer.zero_grad(set_to_none=True)
         meter = activation_meter(policy.model) if measure_memory and one_process else None
@@ -582,9 +526,8 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
 
 
 def update(model, optimizer, loss, max_grad_norm=None):
-    """Step 5: one optimizer step, the gradient's norm clipped to
-    max_grad_norm if given; none if the loss or the gradient is not finite
-    (the gradient is dropped, and False returned)."""
+    """Step 5: one optimizer step, the gradient's norm clipped to max_grad_norm
+    if given; none (and False) if the loss or the gradient is not finite."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # torchrun: a sharded (distributed) tensor
         grad_norm = grad_norm.full_tensor()
@@ -597,19 +540,17 @@ def update(model, optimizer, loss, max_grad_norm=None):
     return True
 
 
-def evaluate_policy(policy, cfg, n_failures=0):
+def evaluate_policy(policy, cfg, n_failures=3):
     """Greedy exact-match accuracy on the test problems, and a few failures.
     torchrun: each rank takes every W-th problem, in as many batches as the
     others (forward passes are collective), and the counts add up."""
     rank, size = real_dllm.world()
     test = policy.task.test
     widest = -(-len(test) // size)
-    batch_size = -(-widest // -(-widest // 1000))   # at most 1000, equal batches on every rank
-    acc, failures = toy_dllm.evaluate(policy.model, policy.tokenizer, policy.task,
-                                      test[rank::size], mask_id=policy.mask_id,
-                                      length=policy.response_length, batch_size=batch_size,
-                                      n_failures=n_failures, block_length=cfg.block_length,
-                                      steps=cfg.sampler_steps)
+    acc, failures = toy_dllm.evaluate(
+        policy.model, policy.tokenizer, policy.task, test[rank::size], policy.mask_id,
+        policy.response_length, batch_size=-(-widest // -(-widest // 1000)),  # <= 1000, equal
+        n_failures=n_failures, block_length=cfg.block_length, steps=cfg.sampler_steps)
     if size == 1:
         return acc, failures
     return real_dllm.global_mean(acc * len(test[rank::size])) * size / len(test), failures
@@ -618,9 +559,8 @@ def evaluate_policy(policy, cfg, n_failures=0):
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     """The loop's state: fresh (with the accuracy before RL), or as saved."""
     if resume_state is None:
-        acc_before, failures = evaluate_policy(policy, cfg, n_failures=3)
-        say("\n".join(failures))
-        say(f"greedy test accuracy before RL: {acc_before:.1%}")
+        acc_before, failures = evaluate_policy(policy, cfg)
+        say("\n".join(failures + [f"greedy test accuracy before RL: {acc_before:.1%}"]))
         return dict(step=0, acc_before=acc_before, seconds=0.0, peak_activation_bytes=0,
                     skipped_updates=0, metrics=[], device_type=policy.device.type,
                     world_size=real_dllm.world()[1], last_acc=acc_before, last_eval=None,
@@ -644,7 +584,7 @@ def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
                   loss=real_dllm.global_mean(loss), skipped_updates=skipped,
                   seconds=round(time.time() - state["started"], 3))
     if step % cfg.eval_every == 0 or step == cfg.steps:
-        state["last_eval"] = evaluate_policy(policy, cfg, n_failures=3)  # (acc, failures)
+        state["last_eval"] = evaluate_policy(policy, cfg)  # (acc, failures)
         record["acc"] = state["last_acc"] = state["last_eval"][0]
     state["metrics"].append(record)
     bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{state['last_acc']:.2f}")
@@ -665,11 +605,10 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
 
 def finish(policy, cfg, state, out):
     """Print the accuracy before and after; write the summary and the model."""
-    acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg, n_failures=3)
+    acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg)
     seconds = time.time() - state["started"]
-    say("\n".join(failures))
-    say(f"greedy test accuracy: {state['acc_before']:.1%} before RL -> {acc_after:.1%} after "
-        f"{cfg.steps} steps ({seconds:.0f}s)")
+    say("\n".join(failures + [f"greedy test accuracy: {state['acc_before']:.1%} before RL -> "
+                              f"{acc_after:.1%} after {cfg.steps} steps ({seconds:.0f}s)"]))
     rank, size = real_dllm.world()
     summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
                    seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,
@@ -677,13 +616,12 @@ def finish(policy, cfg, state, out):
                    skipped_updates=state["skipped_updates"], world_size=size)
     if size > 1:  # torchrun: the activation meter is off; each rank's peak memory instead
         summary["peak_rss_bytes_per_rank"] = real_dllm.peak_memory_per_rank()
-    if out:
-        weights, _ = real_dllm.full_state(policy.model)  # torchrun: every rank gathers
-        if rank == 0:
-            toy_dllm.save_dir_atomic(os.path.join(out, "model"),
-                                     lambda tmp: save_model(policy, tmp, weights))
-            toy_dllm.write_atomic(os.path.join(out, "summary.json"),
-                                  json.dumps(summary, indent=1) + "\n")
+    weights = real_dllm.full_state(policy.model)[0] if out else None  # torchrun: all gather
+    if out and rank == 0:
+        save = lambda tmp: save_model(policy, tmp, weights)  # noqa: E731
+        toy_dllm.save_dir_atomic(os.path.join(out, "model"), save)
+        toy_dllm.write_atomic(os.path.join(out, "summary.json"),
+                              json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -770,31 +708,18 @@ def load_trainer_state(checkpoint, device):
 # 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
 #    memory:     what grows with n_t is what autograd saves for backward
 #                (activations): a saved-tensor hook counts each storage once
-#                while it is held, and keeps the peak. On CUDA the
-#                allocator's own peak is reported too.
-#    compare:    per n_t and method, one policy_loss_backward call on the same
-#                work (all n_t samples, none merged): the objective, the
-#                largest gradient difference to "naive", peak activation
-#                bytes and time; BGPO once per K of --mc-batch, and once with
-#                repeated masks merged, as training runs it.
-#    grad-stats: BGPO gradients g_1..g_8 from 8 mask draws per n_t, against
-#                g*, the mean of 8 draws at n_t = 256 (stratified):
-#                rel. std = sqrt(sum_r |g_r - mean g|^2 / 7) / |g*|, rel. bias
-#                = |mean g - g*| / |g*|, its floor from noise alone =
-#                sqrt(std^2 / 8 + var(g*)) / |g*|, rel. error = mean_r |g_r -
-#                g*| / |g*|. The row for n_t takes every (max/n_t)-th mask of
-#                one draw of max(n_t) (itself a draw of n_t), so rows differ
-#                by n_t, not by luck.
-
-
-class _Held:
-    """A saved tensor, as autograd keeps it until backward frees the graph."""
-
-    def __init__(self, meter, tensor, key):
-        self.meter, self.tensor, self.key = meter, tensor, key
-
-    def __del__(self):
-        self.meter.release(self.key)
+#                while it is held, and keeps the peak (on CUDA, the
+#                allocator's own peak too).
+#    compare:    per n_t and method, one policy_loss_backward call, all on the
+#                same work (every sample computed); BGPO once per K of
+#                --mc-batch, and once with repeated masks merged, as trained.
+#    grad-stats: BGPO gradients g_r from 8 mask draws per n_t, against g*, the
+#                mean of 8 draws at n_t = 256: rel. std = sqrt(sum_r |g_r -
+#                mean g|^2 / 7) / |g*|, rel. bias = |mean g - g*| / |g*| and
+#                the floor noise alone gives it, sqrt(std^2 / 8 + var(g*)) /
+#                |g*|, rel. error = mean_r |g_r - g*| / |g*|. The row for n_t
+#                takes every (max/n_t)-th of one draw's max(n_t) masks, so the
+#                rows differ by n_t, not by luck.
 
 
 class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
@@ -810,30 +735,32 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, exclude=()):
         self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.holders, self.sizes = {}, {}  # per storage: saved tensors holding it, its bytes
+        self.holders = {}  # storage -> how many saved tensors hold it
         self.current_bytes = self.peak_bytes = 0
-        super().__init__(self.pack, lambda x: x.tensor if isinstance(x, _Held) else x)
-
-    def pack(self, tensor):
-        key = tensor.untyped_storage().data_ptr()
-        if key in self.exclude:
-            return tensor
-        if key not in self.holders:
-            self.holders[key], self.sizes[key] = 0, tensor.untyped_storage().nbytes()
-            self.current_bytes += self.sizes[key]
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-        self.holders[key] += 1
-        return _Held(self, tensor, key)
-
-    def release(self, key):
-        self.holders[key] -= 1
-        if self.holders[key] == 0:
-            del self.holders[key]
-            self.current_bytes -= self.sizes.pop(key)
+        super().__init__(self.pack, lambda held: held)
 
     def __enter__(self):
         super().__enter__()
         return self
+
+    def pack(self, tensor):
+        key, nbytes = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+        if key in self.exclude:
+            return tensor
+        if key not in self.holders:
+            self.holders[key] = 0
+            self.current_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        self.holders[key] += 1
+        held = tensor.detach()  # what autograd keeps: freed with the graph, then released
+        weakref.finalize(held, self.release, key, nbytes)
+        return held
+
+    def release(self, key, nbytes):
+        self.holders[key] -= 1
+        if self.holders[key] == 0:
+            del self.holders[key]
+            self.current_bytes -= nbytes
 
 
 def activation_meter(model):
@@ -872,10 +799,22 @@ def flat_grad(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def fixed_batch(policy, cfg):
-    """One seeded rollout batch on the first cfg.prompts train problems."""
-    rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    return rollout(policy, policy.task.train[:cfg.prompts], cfg, rng)
+def fixed_batch(policy, cfg, both_signs=False, tries=100):
+    """A seeded rollout of cfg.prompts train problems: the first ones, or with
+    both_signs the first of `tries` random draws with some A > 0 and some
+    A < 0, so that both of BGPO's lemmas show (--explain)."""
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    if not both_signs:
+        return rollout(policy, policy.task.train[:cfg.prompts], cfg, sample_rng)
+    for _ in range(tries):
+        problems = policy.task.train[
+            torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
+        batch = rollout(policy, problems, cfg, sample_rng)
+        if (batch.advantages > 0).any() and (batch.advantages < 0).any():
+            return batch
+    print(f"(no batch of the first {tries} had advantages of both signs: one lemma only)")
+    return batch
 
 
 def perturb_weights(model, scale, seed):
@@ -946,8 +885,7 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
                                 for _ in range(draws)])                        # (draws, P)
     golden = golden_draws.mean(0)
     golden_var = (golden_draws - golden).pow(2).sum() / (draws - 1) / draws   # of the mean
-    largest = max(sample_counts)
-    rows = []
+    largest, rows = max(sample_counts), []
     for scheme in SCHEMES:
         grads = {n: [] for n in sample_counts}
         for _ in range(draws):
@@ -973,7 +911,7 @@ def explain(policy, cfg):
     """--explain: one BGPO step on a small batch, every number printed in the
     order of the algorithm; then the claims checked on that batch. The weights
     are left as they were (no optimizer step)."""
-    model, batch = policy.model, batch_with_both_signs(policy, cfg)
+    model, batch = policy.model, fixed_batch(policy, cfg, both_signs=True)
     n, A = cfg.samples, batch.advantages
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
           f"scheme {cfg.scheme}; '_' is [MASK], '.' the end token\n")
@@ -1036,21 +974,6 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
         nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, method, cfg.clip)[1]
         print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)
-
-
-def batch_with_both_signs(policy, cfg, tries=100):
-    """The first of `tries` seeded rollouts with some A > 0 and some A < 0, so
-    that both of BGPO's lemmas show (or the last, with a note)."""
-    data_rng = torch.Generator().manual_seed(cfg.seed)
-    sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    for _ in range(tries):
-        problems = policy.task.train[
-            torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
-        batch = rollout(policy, problems, cfg, sample_rng)
-        if (batch.advantages > 0).any() and (batch.advantages < 0).any():
-            return batch
-    print(f"(no batch of the first {tries} had advantages of both signs: one lemma only)")
-    return batch
 
 
 def show_tokens(policy, prompt, response, mask=None):

@@ -19,10 +19,10 @@ from an all-[MASK] answer ("37+48=[MASK][MASK][MASK]") and unmasks a few
 tokens per step, the most confident first.
 
 The network is a stock transformers masked LM (BertForMaskedLM) with a tiny
-config, and the vocabulary is a stock transformers tokenizer, so a checkpoint
-directory loads back with AutoModelForMaskedLM / AutoTokenizer, and code
-written against this model also runs against a real diffusion LM such as
-LLaDA: all it uses is `model(input_ids=...).logits` of shape (B, T, V).
+config, and the vocabulary a stock transformers tokenizer: a checkpoint
+loads back with AutoModelForMaskedLM / AutoTokenizer, and code written
+against it runs on any masked LM that reads its inputs the same way
+(forward_logits; real_dllm.py adapts those that do not).
 """
 
 import hashlib
@@ -214,16 +214,12 @@ def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
 
 
 def forward_logits(model, input_ids, attention_mask=None):
-    """model(input_ids).logits, (B, T, V): position i predicts token i. A
-    float32 model on CUDA runs in bfloat16 autocast.
+    """model(input_ids).logits, (B, T, V): position i predicts token i.
 
-    attention_mask: Bool (B, T), False at left padding, or None (no padding).
-    It is passed the transformers way, as a 2-D attention_mask, with
-    position_ids that count from each row's first real token: a padded prompt
-    then reads like the prompt alone. A model that reads padding or positions
-    another way is wrapped once, where it is loaded (real_dllm.MaskedLM).
-    Autocast is switched on here, around the forward pass only, so that
-    backward runs outside it and CPU (and float64) models stay exact.
+    attention_mask: Bool (B, T), False at left padding, or None. It goes in
+    the transformers way, with position_ids counting from each row's first
+    real token, so a padded prompt reads like the prompt alone. A float32
+    model on CUDA runs its forward pass (only) in bfloat16 autocast.
     """
     use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
     padding = {}
@@ -423,14 +419,10 @@ def warm_start_path(settings):
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
              target_accuracy=None, eval_every=10, n_val=500, length=None):
-    """Supervised masked-diffusion training on the task's train problems.
-
-    Stops after max_steps, or as soon as greedy accuracy on n_val held-out
-    *train* problems reaches target_accuracy (checked every eval_every steps;
-    the test problems are never looked at). length: the response length, the
-    answer then end tokens (default: the answer's). Returns the number of
-    steps taken.
-    """
+    """Supervised masked-diffusion training on the task's train problems, for
+    max_steps or until greedy accuracy on n_val held-out *train* problems
+    reaches target_accuracy (the test set is never looked at). length: the
+    response length (default: the answer's). Returns the steps taken."""
     length = task.answer_length if length is None else length
     g = torch.Generator().manual_seed(seed)
     val, train = task.train[:n_val], task.train[n_val:]
@@ -456,14 +448,9 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
 
 
 def warm_start(verbose=True, **overrides):
-    """The warm-start model and tokenizer: loaded from the cache, or trained.
-
-    Training takes about half a minute on 2 CPU cores at the default response
-    length. The checkpoint directory is written with save_pretrained under a
-    temporary name and renamed into place, so an interrupted run never leaves
-    a half-written cache entry.
-    Returns (model, tokenizer, task, settings).
-    """
+    """(model, tokenizer, task, settings) of the warm start of these settings
+    (WARM_START, overridden): loaded from the cache, or trained (about half a
+    minute on 2 CPU cores) and saved there atomically."""
     settings = {**WARM_START, **overrides}
     unknown = set(settings) - set(WARM_START)
     if unknown:
