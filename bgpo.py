@@ -1021,6 +1021,7 @@ def format_table(rows):
 MODES = ("compare", "grad_stats", "explain")  # at most one; none: train
 RESUMABLE = ("steps", "device", "save_every", "trust_remote_code", "mc_batch", "mc_batches")
 EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's batch, unless given
+NOT_TYPED = object()  # parse_args: the value of a flag that was not typed
 
 
 class Parser(argparse.ArgumentParser):
@@ -1081,25 +1082,24 @@ def build_parser():
 
 
 def parse_args(parser, argv):
-    """Flags, merged with the saved run's settings under --resume, and checked
-    against each other. Returns (a Config, the checkpoint to resume or None)."""
-    unset = object()
-    given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(
-        **{f.name: unset for f in dataclasses.fields(Config)}))).items()
-        if v is not unset}  # the flags typed on the command line, not defaulted
-    args, checkpoint = vars(parser.parse_args(argv)), None
+    """The flags, over --explain's small batch or, under --resume, over the
+    saved run's settings; checked against each other. Returns (a Config, the
+    checkpoint to resume or None)."""
+    args = vars(parser.parse_args(argv))
+    given = {k: v for k, v in vars(parser.parse_args(argv, argparse.Namespace(
+        **{k: NOT_TYPED for k in args}))).items() if v is not NOT_TYPED}  # typed, not defaulted
+    checkpoint = None
+    if args["explain"]:
+        args.update({k: v for k, v in EXPLAIN.items() if k not in given})
     if args["resume"]:
         run, checkpoint = read_run(args["resume"], given)
-        changed = sorted(k for k in given - {"resume", "out", *RESUMABLE}
-                         if json.loads(json.dumps(args[k])) != run.get(k))
+        changed = sorted(k for k in set(given) - {"resume", "out", *RESUMABLE}
+                         if json.loads(json.dumps(given[k])) != run.get(k))
         if changed:
             raise ValueError("--resume continues a run as it was set up; "
                              f"cannot change --{changed[0].replace('_', '-')}")
         # consent to run shipped code comes from this command line only
-        args = {**args, **run, "trust_remote_code": False, **{k: args[k] for k in given},
-                "out": args["resume"]}
-    if args["explain"]:
-        args.update({k: v for k, v in EXPLAIN.items() if k not in given})
+        args.update({**run, "trust_remote_code": False, **given, "out": args["resume"]})
     cfg = Config(**{**args, "sample_counts": tuple(args["sample_counts"]),
                     "mc_batches": tuple(args["mc_batches"])})
     check_flags(cfg)

@@ -139,3 +139,17 @@ def test_activation_budget_stops_before_anything_is_written_naming_what_fits(war
     assert_clean_error(status, err, "not even n_t = 1 fits")
     status, err = run(args, capsys)  # BGPO's memory does not grow with n_t: it fits
     assert status == 0, err
+
+
+def test_activation_budget_measures_at_the_runs_mc_batch(warm, tmp_path, capsys):
+    """K samples to a forward pass hold K samples' activations: a budget that
+    one sample fits is refused at --mc-batch 8 (it measured K = 1 before)."""
+    rows = bgpo.compare(toy_policy(warm), bgpo.Config(prompts=2, group=4), [1], repeats=1)
+    one_sample = rows[0]["peak_activation_bytes"] / 2**20
+    args = ["--prompts", "2", "--group", "4", "--steps", "1", "--samples", "8",
+            "--activation-budget", str(1.5 * one_sample), "--out", str(tmp_path / "run")]
+    status, err = run(args + ["--mc-batch", "8"], capsys)
+    assert_clean_error(status, err, "bgpo at n_t = 8 with --mc-batch 8 needs")
+    assert not (tmp_path / "run").exists()
+    status, err = run(args, capsys)  # one sample a pass: it fits
+    assert status == 0, err

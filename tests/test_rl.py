@@ -235,3 +235,19 @@ def test_explain_prints_a_step_whose_equality_and_bound_hold(warm, capsys):
     assert len(pairs) == 8
     assert all(float(lb) <= float(r) + 1e-6 for lb, r in pairs)  # printed with 6 decimals
     assert "FAILS" not in out and re.search(r"bgpo +\d+\.\d+ MB", out)
+
+
+def test_grad_stats_draws_its_masks_with_length_norm(warm, monkeypatch):
+    """--length-norm reaches every draw of --grad-stats (it was ignored): on-policy
+    it scales the gradient by 1/L, so the relative figures stay what they were."""
+    policy = toy_policy(warm)
+    seen, real = [], bgpo.masks_and_old_terms
+    monkeypatch.setattr(bgpo, "masks_and_old_terms",
+                        lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    rows = {}
+    for norm in (False, True):
+        cfg = bgpo.Config(prompts=4, group=4, length_norm=norm)
+        rows[norm] = bgpo.grad_stats(policy, cfg, [1, 2], draws=2, golden_samples=4)
+    assert seen == [False] * 6 + [True] * 6
+    for plain, normed in zip(rows[False], rows[True]):
+        assert normed["rel_std"] == pytest.approx(plain["rel_std"], rel=1e-3)

@@ -1,0 +1,121 @@
+"""Redraw the README's figures from the small JSON inputs in docs/data/.
+
+    python docs/figures.py                  # docs/data/*.json -> docs/*.png
+    python docs/figures.py --collect RUNS   # first rebuild docs/data/ablation_len16.json
+                                            # from RUNS/n{n_t}-s{seed}/metrics.jsonl
+
+Only the standard library and matplotlib (docs/requirements.txt): re-plotting
+needs neither torch nor the hour of runs. Each input names the command that
+made it; docs/results.md has the tables behind the figures.
+"""
+import argparse
+import json
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(DOCS, "data")
+COLORS = {"naive": "tab:red", "two_pass": "tab:orange", "bgpo": "tab:blue",
+          "stratified": "tab:blue", "uniform_t": "tab:green"}
+
+
+def read(name):
+    with open(os.path.join(DATA, name)) as f:
+        return json.load(f)
+
+
+def memory(out):
+    """Figure 1: activation memory of one loss call against n_t (--compare --json)."""
+    data = read("compare_len3.json")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in ("naive", "two_pass", "bgpo"):
+        rows = [r for r in data["rows"] if r["method"] == method and r["mc_batch"] == 1
+                and not r["merged"]]
+        ax.plot([r["samples"] for r in rows], [r["peak_activation_bytes"] / 2**20 for r in rows],
+                "o-", color=COLORS[method], label=method)
+    ax.set(xscale="log", yscale="log", xlabel="n_t, Monte-Carlo samples per response",
+           ylabel="activation memory (MB)", title="Activation memory of one loss call")
+    ax.set_xticks([r for r in sorted({r["samples"] for r in data["rows"]})])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend()
+    save(fig, out)
+
+
+def ablation(out):
+    """Figure 2: greedy test accuracy against RL step, mean and spread over seeds, per n_t."""
+    data = read("ablation_len16.json")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    cmap = plt.get_cmap("viridis")
+    counts = sorted(data["runs"], key=int)
+    for k, n in enumerate(counts):
+        seeds = data["runs"][n]
+        steps = sorted({s for run in seeds.values() for s, _ in run})
+        acc = [[100 * dict(run)[s] for run in seeds.values()] for s in steps]
+        mean = [statistics.mean(a) for a in acc]
+        std = [statistics.stdev(a) for a in acc]
+        color = cmap(k / max(1, len(counts) - 1))
+        ax.plot(steps, mean, "o-", color=color, label=f"n_t = {n}")
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                        [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
+    ax.set(xlabel="RL step", ylabel="greedy test accuracy (%)",
+           title=f"BGPO on 16-token answers, {len(next(iter(data['runs'].values())))} seeds")
+    ax.legend()
+    save(fig, out)
+
+
+def gradient(out):
+    """Figure 3: relative std of the BGPO gradient against n_t (--grad-stats --json)."""
+    data = read("grad_stats_len16.json")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for scheme in ("stratified", "uniform_t"):
+        rows = [r for r in data["rows"] if r["scheme"] == scheme]
+        ax.plot([r["samples"] for r in rows], [r["rel_std"] for r in rows], "o-",
+                color=COLORS[scheme], label=scheme)
+    ax.set(xscale="log", xlabel="n_t, Monte-Carlo samples per response",
+           ylabel="relative std of the gradient", title="Gradient noise of BGPO")
+    ax.set_xticks(sorted({r["samples"] for r in data["rows"]}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    save(fig, out)
+
+
+def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(DOCS, name), dpi=120)
+    plt.close(fig)
+    print(f"wrote docs/{name}")
+
+
+def collect(runs):
+    """RUNS/n{n_t}-s{seed}/metrics.jsonl -> docs/data/ablation_len16.json (its
+    command and commit kept from the file already there)."""
+    path = os.path.join(DATA, "ablation_len16.json")
+    data = read("ablation_len16.json") if os.path.exists(path) else {}
+    data["runs"] = {}
+    for name in sorted(os.listdir(runs)):
+        if not (name.startswith("n") and "-s" in name):
+            continue
+        n, seed = name[1:].split("-s")
+        with open(os.path.join(runs, name, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        data["runs"].setdefault(n, {})[seed] = [[r["step"], r["acc"]] for r in records if "acc" in r]
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote docs/data/ablation_len16.json from {runs}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collect", metavar="RUNS", help="rebuild the ablation input first")
+    args = parser.parse_args()
+    if args.collect:
+        collect(args.collect)
+    memory("memory.png")
+    ablation("ablation_len16.png")
+    gradient("grad_stats.png")
