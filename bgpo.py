@@ -403,65 +403,7 @@ def rollout(policy, problems, cfg, generator):
 #    the naive objective, and the old terms are the new terms' own values);
 #    with 2 the second mini-batch is off-policy. Under torchrun (real_dllm.py)
 #    each rank rolls out its share of the prompts: the lines marked "torchrun".
-
-
-def flag(default, help, **keywords):
-    """A Config field and its flag: help, and for argparse low / high (bounds),
-    above (an open bound), choices, metavar, list=True (--samples 1,4,16)."""
-    return dataclasses.field(default=default, metadata=dict(keywords, help=help))
-
-
-@dataclass(frozen=True)
-class Config:
-    """Every setting of a run, its default and its flag's help (--help lists
-    them). Built once, from the command line, and never changed."""
-    # what to do: train, unless one of these is given
-    compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t, memory and time")
-    grad_stats: bool = flag(False, "table: std, bias and error of the BGPO gradient per n_t")
-    explain: bool = flag(False, "one BGPO step on a small batch, every number printed")
-    # the objective and its Monte-Carlo estimate
-    method: str = flag("bgpo", "objective for training", choices=METHODS)
-    samples: int = flag(16, "n_t, samples per response (--compare: a list)", low=1, list=True)
-    sample_counts: tuple = (16,)  # all of --samples 1,4,16
-    mc_batch: int = flag(1, "K, samples per forward pass (--compare: a list)", low=1, list=True)
-    mc_batches: tuple = (1,)  # all of --mc-batch 1,4,16
-    scheme: str = flag("stratified", "how masks are drawn", choices=SCHEMES)
-    clip: float = flag(None, "PPO clipping epsilon of the ratio (the paper: none)", above=0, high=1)
-    length_norm: bool = flag(False, "divide each ELBO term by the response length")
-    # the GRPO loop
-    steps: int = flag(275, "RL steps", low=1)
-    prompts: int = flag(16, "prompts per step", low=1)
-    group: int = flag(8, "G, responses per prompt", low=2)
-    lr: float = flag(1e-4, "AdamW learning rate", above=0)
-    max_grad_norm: float = flag(None, "clip the gradient's norm to this", above=0)
-    updates_per_batch: int = flag(1, "updates per rollout on disjoint groups (1: on-policy)", low=1)
-    seed: int = flag(0, "seed of prompts, responses and masks", low=0)
-    device: str = flag("auto", "where to run", choices=("auto", "cpu", "cuda"))
-    # the sampler
-    temperature: float = flag(0.6, "rollout temperature (evaluation is greedy)", low=0)
-    sampler_steps: int = flag(None, "denoising steps per response (default: L)", low=1)
-    block_length: int = flag(None, "sampler block length (default: L)", low=1)
-    # evaluation, measurements, output
-    eval_every: int = flag(25, "steps between test evaluations", low=1)
-    perturb: float = flag(0.0, "--compare, --explain: move weights by this many stds", low=0)
-    json: bool = flag(False, "print --compare, --grad-stats rows as JSON")
-    out: str = flag(None, "write metrics.jsonl, summary.json and the model here", metavar="DIR")
-    save_every: int = flag(None, "checkpoint every N steps under --out", low=1)
-    resume: str = flag(None, "continue the run saved in DIR (its --out)", metavar="DIR")
-    # the model and the task
-    model: str = flag(None, "a transformers masked LM (default: the toy)", metavar="PATH")
-    trust_remote_code: bool = flag(False, "let the checkpoint's own code run (LLaDA, Dream)")
-    mask_id: int = flag(None, "[MASK] id, if the tokenizer names none", low=0)
-    shifted_logits: str = flag("auto", "read token i at i-1 (Dream)", choices=("auto", "yes", "no"))
-    response_length: int = flag(None, "L: the answer, then end tokens (default: the answer)", low=1)
-    digits: int = flag(2, "operand digits of the task", low=2, high=9)
-    test_size: int = flag(1000, "test problems", low=1)
-    # memory levers for a real diffusion LM (real_dllm.py)
-    lora_rank: int = flag(None, "train LoRA adapters of this rank, not the weights", low=1)
-    lora_alpha: float = flag(None, "LoRA updates scaled by alpha / rank (default: rank)", above=0)
-    lora_targets: str = flag(None, "modules given adapters (default: linear layers but the head)")
-    gradient_checkpointing: bool = flag(False, "recompute layers' activations in backward")
-    activation_budget: float = flag(None, "stop if a loss call needs more activation MB", above=0)
+#    cfg is a Config (section 8): every setting, with its default.
 
 
 def train(policy, cfg, out=None, resume_state=None):
@@ -956,7 +898,8 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
     print(f"check, on-policy: max |grad BGPO - grad naive| = "
           f"{(bgpo_grad - naive_grad).abs().max():.2e}, largest |grad naive| = "
           f"{naive_grad.abs().max():.2e}")
-    scale, original = cfg.perturb or 0.05, {k: v.clone() for k, v in model.state_dict().items()}
+    scale = cfg.perturb or 0.05
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     perturb_weights(model, scale, cfg.seed)
     with torch.no_grad():
         terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights,
@@ -1014,9 +957,70 @@ def format_table(rows):
 
 
 # -----------------------------------------------------------------------------
-# 8. Command line, in the order main calls it: flags -> Config, device, model
-#    (the toy or --model), checks, then one of compare / grad-stats / explain /
-#    train. Every check raises ValueError; main says it in one line.
+# 8. Command line: Config, every setting and its flag; then in the order main
+#    calls them: flags -> Config, device, model (the toy or --model), checks,
+#    then one of compare / grad-stats / explain / train. Every check raises
+#    ValueError; main says it in one line.
+
+def flag(default, help, **keywords):
+    """A Config field and its flag: help, and for argparse low / high (bounds),
+    above (an open bound), choices, metavar, list=True (--samples 1,4,16)."""
+    return dataclasses.field(default=default, metadata=dict(keywords, help=help))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run, its default and its flag's help (--help lists
+    them). Built once, from the command line, and never changed."""
+    # what to do: train, unless one of these is given
+    compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t, memory and time")
+    grad_stats: bool = flag(False, "table: std, bias and error of the BGPO gradient per n_t")
+    explain: bool = flag(False, "one BGPO step on a small batch, every number printed")
+    # the objective and its Monte-Carlo estimate
+    method: str = flag("bgpo", "objective for training", choices=METHODS)
+    samples: int = flag(16, "n_t, samples per response (--compare: a list)", low=1, list=True)
+    sample_counts: tuple = (16,)  # all of --samples 1,4,16
+    mc_batch: int = flag(1, "K, samples per forward pass (--compare: a list)", low=1, list=True)
+    mc_batches: tuple = (1,)  # all of --mc-batch 1,4,16
+    scheme: str = flag("stratified", "how masks are drawn", choices=SCHEMES)
+    clip: float = flag(None, "PPO clipping epsilon of the ratio (the paper: none)", above=0, high=1)
+    length_norm: bool = flag(False, "divide each ELBO term by the response length")
+    # the GRPO loop
+    steps: int = flag(275, "RL steps", low=1)
+    prompts: int = flag(16, "prompts per step", low=1)
+    group: int = flag(8, "G, responses per prompt", low=2)
+    lr: float = flag(1e-4, "AdamW learning rate", above=0)
+    max_grad_norm: float = flag(None, "clip the gradient's norm to this", above=0)
+    updates_per_batch: int = flag(1, "updates per rollout on disjoint groups (1: on-policy)", low=1)
+    seed: int = flag(0, "seed of prompts, responses and masks", low=0)
+    device: str = flag("auto", "where to run", choices=("auto", "cpu", "cuda"))
+    # the sampler
+    temperature: float = flag(0.6, "rollout temperature (evaluation is greedy)", low=0)
+    sampler_steps: int = flag(None, "denoising steps per response (default: L)", low=1)
+    block_length: int = flag(None, "sampler block length (default: L)", low=1)
+    # evaluation, measurements, output
+    eval_every: int = flag(25, "steps between test evaluations", low=1)
+    perturb: float = flag(0.0, "--compare, --explain: move weights by this many stds", low=0)
+    json: bool = flag(False, "print --compare, --grad-stats rows as JSON")
+    out: str = flag(None, "write metrics.jsonl, summary.json and the model here", metavar="DIR")
+    save_every: int = flag(None, "checkpoint every N steps under --out", low=1)
+    resume: str = flag(None, "continue the run saved in DIR (its --out)", metavar="DIR")
+    # the model and the task
+    model: str = flag(None, "a transformers masked LM (default: the toy)", metavar="PATH")
+    trust_remote_code: bool = flag(False, "let the checkpoint's own code run (LLaDA, Dream)")
+    mask_id: int = flag(None, "[MASK] id, if the tokenizer names none", low=0)
+    shifted_logits: str = flag("auto", "read token i at i-1 (Dream)", choices=("auto", "yes", "no"))
+    response_length: int = flag(None, "L: the answer, then end tokens (default: the answer)", low=1)
+    digits: int = flag(2, "operand digits of the task", low=2, high=9)
+    test_size: int = flag(1000, "test problems", low=1)
+    # memory levers for a real diffusion LM (real_dllm.py)
+    lora_rank: int = flag(None, "train LoRA adapters of this rank, not the weights", low=1)
+    lora_alpha: float = flag(None, "LoRA updates scaled by alpha / rank (default: rank)", above=0)
+    lora_targets: str = flag(None, "modules given adapters (default: linear layers but the head)",
+                             metavar="NAMES")
+    gradient_checkpointing: bool = flag(False, "recompute layers' activations in backward")
+    activation_budget: float = flag(None, "stop if a loss call needs more activation MB", above=0)
+
 
 MODES = ("compare", "grad_stats", "explain")  # at most one; none: train
 RESUMABLE = ("steps", "device", "save_every", "trust_remote_code", "mc_batch", "mc_batches")
@@ -1072,9 +1076,9 @@ def build_parser():
             keywords["action"] = "store_true"
         elif keywords.pop("list", False):
             keywords.update(type=lambda text, each=number(int, **bounds): [
-                each(part) for part in text.split(",")], action=FirstAndList)
+                each(part) for part in text.split(",")], action=FirstAndList, metavar="N[,N...]")
         elif f.type in (int, float):
-            keywords["type"] = number(f.type, **bounds)
+            keywords.update(type=number(f.type, **bounds), metavar="N" if f.type is int else "X")
         (modes if f.name in MODES else p).add_argument("--" + f.name.replace("_", "-"),
                                                        **keywords)
     p.set_defaults(**dataclasses.asdict(Config()))
@@ -1199,7 +1203,8 @@ def load_policy(cfg, device, checkpoint=None):
     if padded is not None and not real_dllm.hides_padding(model):
         print(f"note: {path} does not hide padding with an attention mask; shorter prompts "
               "are read with the end tokens that pad them on the left", file=sys.stderr)
-    model, lora_base = model.to(device).eval(), saved.get("lora_base")
+    model = model.to(device).eval()
+    lora_base = saved.get("lora_base")
     if cfg.lora_rank:
         if not real_dllm.has_lora(model) and path is not None:  # the model the adapters adapt
             lora_base = os.path.abspath(path) if os.path.exists(path) else path

@@ -90,11 +90,9 @@ class ArithmeticTask:
 
 
 def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
-    """Draw disjoint train and test problem sets from a seeded generator.
-
-    Every pair (a, b) with 0 <= a, b < 10**n_digits is one problem, numbered
-    a * 10**n_digits + b. A seeded permutation of those numbers gives the test
-    set first and the train set (at most max_train problems) after it.
+    """Disjoint train and test problems: a seeded permutation of every pair
+    (a, b), 0 <= a, b < 10**n_digits, gives the test set first and the train
+    set (at most max_train problems) after it.
 
     >>> task = make_task(n_digits=1, n_test=20)
     >>> len(task.test), len(task.train)
@@ -128,12 +126,9 @@ def decode_responses(tokenizer, responses):
 
 
 def exact_match_reward(task, tokenizer, problems, responses):
-    """1.0 where the decoded response equals the true answer, else 0.0.
-
-    The rule is strict: "085" is right for 37+48, "85" and "0850" are wrong,
-    and so is "08", end token, "5": the answer ends at the first end token.
-    Returns Float (B,).
-    """
+    """Float (B,): 1.0 where the decoded response equals the true answer, else
+    0.0. Strict: "085" is right for 37+48, "85" and "0850" are wrong, and so
+    is "08", end token, "5": the answer ends at the first end token."""
     said = decode_responses(tokenizer, responses)
     truth = task.answers(problems)
     return torch.tensor([float(s == t) for s, t in zip(said, truth)])
@@ -162,14 +157,9 @@ def end_token_id(tokenizer):
 
 
 def encode_padded_prompts(tokenizer, texts, device=None):
-    """Prompt strings -> (Long (B, Lp) ids, left-padded with the end token,
-    Bool (B, Lp) True at real tokens, or None when no prompt is padded),
-    both on `device`.
-
-    With the toy tokenizer every prompt has the same length and there is no
-    padding; a subword tokenizer may need some, and padding on the left keeps
-    the prompt's last token right next to the response.
-    """
+    """Prompt strings -> (Long (B, Lp) ids, left-padded with the end token so
+    that each prompt ends next to its response, and Bool (B, Lp) True at real
+    tokens, or None when no prompt is padded: the toy's never are)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     width = max(len(row) for row in ids)
     pad = end_token_id(tokenizer)
@@ -243,30 +233,18 @@ def with_response(prompt_mask, length):
 
 
 def forward_mask(responses, t, generator=None):
-    """Which response positions the forward process masks at noise level t.
-
-    Args:
-        responses: Long (B, L); only its shape and device are used.
-        t: Float (B,), the masking probability of each row.
-    Returns:
-        Bool (B, L), True where the token is replaced by [MASK]. The prompt
-        is a separate tensor and is never masked.
-    """
+    """Bool (B, L), True where the forward process at noise level t (Float
+    (B,)) masks a response token; only responses' shape is used. The prompt
+    is a separate tensor and is never masked."""
     u = torch.rand(responses.shape, generator=generator,
                    device=generator.device if generator is not None else responses.device)
     return u.to(responses.device) < t[:, None]
 
 
 def token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask=None):
-    """log p_theta(y^i | y_t, x) at every response position.
-
-    y_t is the response with the positions in `mask` replaced by mask_id.
-    Args:
-        prompts: Long (B, Lp); responses: Long (B, L); mask: Bool (B, L);
-        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
-    Returns:
-        Float (B, L), in float32 or better whatever the model's precision.
-    """
+    """log p_theta(y^i | y_t, x) at every response position: Float (B, L), in
+    float32 or better. y_t is responses (B, L) with mask (B, L) set to
+    mask_id; prompt_mask (B, Lp) is False at left padding, or None."""
     noisy = torch.where(mask, mask_id, responses)                    # (B, L)
     logits = forward_logits(model, torch.cat([prompts, noisy], dim=1),
                             with_response(prompt_mask, responses.shape[1]))
@@ -277,15 +255,8 @@ def token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask=None):
 
 
 def diffusion_loss(model, prompts, responses, t, mask, mask_id):
-    """The masked-diffusion loss: minus the ELBO, per response token.
-
-    loss = mean_b [ -(1/L) * (1/t_b) * sum_i mask_bi * log p(y_bi | y_t, x) ]
-    Args:
-        prompts: Long (B, Lp); responses: Long (B, L);
-        t: Float (B,) noise levels; mask: Bool (B, L) from forward_mask.
-    Returns:
-        a scalar tensor.
-    """
+    """Minus the ELBO per response token, a scalar: mean_b -(1/L) (1/t_b) sum_i
+    mask_bi log p(y_bi | y_t, x), for noise levels t (B,) and their masks."""
     logp = token_log_probs(model, prompts, responses, mask, mask_id)  # (B, L)
     per_row = (logp * mask).sum(-1) / t                                # (B,)
     return -(per_row / responses.shape[1]).mean()

@@ -3,6 +3,7 @@
     python docs/figures.py                  # docs/data/*.json -> docs/*.png
     python docs/figures.py --collect RUNS   # first rebuild docs/data/ablation_len16.json
                                             # from RUNS/n{n_t}-s{seed}/metrics.jsonl
+    python docs/figures.py --table          # the ablation as a table (docs/results.md)
 
 Only the standard library and matplotlib (docs/requirements.txt): re-plotting
 needs neither torch nor the hour of runs. Each input names the command that
@@ -85,6 +86,23 @@ def gradient(out):
     save(fig, out)
 
 
+def table():
+    """The ablation's mean +- std over seeds at each evaluation, and every seed's end."""
+    runs = read("ablation_len16.json")["runs"]
+    steps = sorted({s for seeds in runs.values() for run in seeds.values() for s, _ in run})
+    print("| n_t | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("|---" * (len(steps) + 1) + "|")
+    for n in sorted(runs, key=int):
+        cells = []
+        for s in steps:
+            acc = [100 * dict(run)[s] for run in runs[n].values()]
+            cells.append(f"{statistics.mean(acc):.1f} +- {statistics.stdev(acc):.1f}")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    for n in sorted(runs, key=int):
+        ends = ", ".join(f"{100 * runs[n][seed][-1][1]:.1f}" for seed in sorted(runs[n], key=int))
+        print(f"n_t = {n}, seeds {', '.join(sorted(runs[n], key=int))}: {ends}")
+
+
 def save(fig, name):
     fig.tight_layout()
     fig.savefig(os.path.join(DOCS, name), dpi=120)
@@ -113,9 +131,12 @@ def collect(runs):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collect", metavar="RUNS", help="rebuild the ablation input first")
+    parser.add_argument("--table", action="store_true", help="print the ablation table only")
     args = parser.parse_args()
     if args.collect:
         collect(args.collect)
+    if args.table:
+        raise SystemExit(table())
     memory("memory.png")
     ablation("ablation_len16.png")
     gradient("grad_stats.png")
