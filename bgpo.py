@@ -119,8 +119,8 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
         counts = (k - 1 + offsets) % L + 1                                        # (n, B) in 1..L
         # mask the `count` positions with the smallest random keys: a uniform subset
         keys = torch.rand(n_samples, B, L, generator=generator, device=dev)
-        ranks = keys.argsort(-1).argsort(-1)                                      # (n, B, L)
-        masks = ranks < counts[..., None]
+        place = keys.argsort(-1).argsort(-1)                 # (n, B, L): each key's place, 0..L-1
+        masks = place < counts[..., None]
         weights = L / counts
     else:
         t = 1 - torch.rand(n_samples, B, generator=generator, device=dev)        # (n, B) in (0, 1]
@@ -539,7 +539,7 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
         toy_dllm.write_atomic(os.path.join(out, "metrics.jsonl"),
                               "".join(json.dumps(m) + "\n" for m in state["metrics"]))
     if cfg.save_every and state["step"] % cfg.save_every == 0:
-        saved = {k: v for k, v in state.items() if k not in ("last_acc", "last_eval", "started")}
+        saved = {key: v for key, v in state.items() if key not in ("last_acc", "last_eval", "started")}
         save_checkpoint(out, policy, optimizer, dict(
             saved, data_rng=data_rng.get_state(), torch_rng=torch.get_rng_state(),
             sample_rng=real_dllm.all_ranks(sample_rng.get_state())))
@@ -773,24 +773,24 @@ def compare(policy, cfg, sample_counts, repeats=2):
     objective is a strict lower bound of the naive one."""
     model, batch = policy.model, fixed_batch(policy, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
-    original = {k: v.clone() for k, v in model.state_dict().items()} if cfg.perturb else None
+    original = {name: t.clone() for name, t in model.state_dict().items()} if cfg.perturb else None
     rows = []
     for n in sample_counts:
         masks, weights, old_terms = masks_and_old_terms(policy, batch, n, cfg.scheme, rng,
                                                         cfg.length_norm)
         if cfg.perturb:
             perturb_weights(model, cfg.perturb, cfg.seed)
-        ks = sorted({min(k, n) for k in cfg.mc_batches})  # BGPO's samples per forward pass
-        calls = [("naive", 1, False), ("two_pass", 1, False)] + [("bgpo", k, False) for k in ks]
-        for method, k, merge in calls + [("bgpo", ks[0], True)]:
+        Ks = sorted({min(K, n) for K in cfg.mc_batches})  # BGPO's samples per forward pass
+        calls = [("naive", 1, False), ("two_pass", 1, False)] + [("bgpo", K, False) for K in Ks]
+        for method, K, merge in calls + [("bgpo", Ks[0], True)]:
             def call():
                 return measure_loss_call(policy, batch, masks, weights, old_terms, method,
-                                         cfg.clip, k, merge)
+                                         cfg.clip, K, merge)
             runs = [call() for _ in range(repeats)]  # the fastest; the memory is the same
             grad = flat_grad(model)
             if method == "naive":
                 reference = grad
-            row = dict(method=method, samples=n, mc_batch=k, merged=merge, objective=-runs[0][0],
+            row = dict(method=method, samples=n, mc_batch=K, merged=merge, objective=-runs[0][0],
                        grad_max_abs_diff=(grad - reference).abs().max().item(),
                        peak_activation_bytes=runs[0][1], seconds=min(r[2] for r in runs),
                        cuda_peak_bytes=runs[0][3])
@@ -899,7 +899,7 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
           f"{(bgpo_grad - naive_grad).abs().max():.2e}, largest |grad naive| = "
           f"{naive_grad.abs().max():.2e}")
     scale = cfg.perturb or 0.05
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    original = {name: t.clone() for name, t in model.state_dict().items()}
     perturb_weights(model, scale, cfg.seed)
     with torch.no_grad():
         terms = elbo_terms(model, batch.prompts, batch.responses, masks, weights,
@@ -1069,7 +1069,7 @@ def build_parser():
     modes = p.add_mutually_exclusive_group()
     for f in (f for f in dataclasses.fields(Config) if f.metadata):
         keywords = dict(f.metadata)
-        bounds = {k: keywords.pop(k) for k in ("low", "high", "above") if k in keywords}
+        bounds = {key: keywords.pop(key) for key in ("low", "high", "above") if key in keywords}
         if f.default not in (None, False):
             keywords["help"] += f" (default: {f.default})"
         if f.type is bool:
@@ -1090,15 +1090,15 @@ def parse_args(parser, argv):
     saved run's settings; checked against each other. Returns (a Config, the
     checkpoint to resume or None)."""
     args = vars(parser.parse_args(argv))
-    given = {k: v for k, v in vars(parser.parse_args(argv, argparse.Namespace(
-        **{k: NOT_TYPED for k in args}))).items() if v is not NOT_TYPED}  # typed, not defaulted
+    given = {name: v for name, v in vars(parser.parse_args(argv, argparse.Namespace(
+        **{name: NOT_TYPED for name in args}))).items() if v is not NOT_TYPED}  # typed
     checkpoint = None
     if args["explain"]:
-        args.update({k: v for k, v in EXPLAIN.items() if k not in given})
+        args.update({name: v for name, v in EXPLAIN.items() if name not in given})
     if args["resume"]:
         run, checkpoint = read_run(args["resume"], given)
-        changed = sorted(k for k in set(given) - {"resume", "out", *RESUMABLE}
-                         if json.loads(json.dumps(given[k])) != run.get(k))
+        changed = sorted(name for name in set(given) - {"resume", "out", *RESUMABLE}
+                         if json.loads(json.dumps(given[name])) != run.get(name))
         if changed:
             raise ValueError("--resume continues a run as it was set up; "
                              f"cannot change --{changed[0].replace('_', '-')}")
@@ -1128,7 +1128,7 @@ def read_run(out, given):
         raise ValueError(f"--resume {out}: its model ships code of its own; "
                          "add --trust-remote-code to allow it to run")
     known = {f.name for f in dataclasses.fields(Config)}
-    return {k: v for k, v in run.items() if k in known}, found[-1]
+    return {name: v for name, v in run.items() if name in known}, found[-1]
 
 
 def check_flags(cfg):

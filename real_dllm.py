@@ -8,8 +8,9 @@ a plain masked LM: model(input_ids, attention_mask, position_ids).logits,
   1. MaskedLM: one adapter that presents any masked LM that way (Dream reads
      its logits shifted and takes only a 4-D padding mask; LLaDA ignores its
      padding mask).
-  2. load_checkpoint: a checkpoint, with model code that shipped with it and
-     was written for transformers 4.x adjusted to run under the pinned 5.x.
+  2. load_checkpoint: a checkpoint's model and tokenizer, adapted; model code
+     that shipped with it, written for transformers 4.x, is adjusted to run
+     under the pinned 5.x first (section 5).
   3. Memory levers: LoRA adapters (peft) and activation checkpointing.
   4. torchrun + FSDP2: start-up, sharding, and full state gathered for saving.
 
@@ -50,8 +51,8 @@ class MaskedLM(torch.nn.Module):
     def __init__(self, model, shifted=False, padding="2d"):
         super().__init__()
         self.model, self.shifted, self.padding = model, shifted, padding
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-        self.takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+        forward = base_model(model).forward  # under any LoRA adapters (peft passes keywords on)
+        self.takes_positions = "position_ids" in inspect.signature(forward).parameters
 
     @property
     def config(self):
