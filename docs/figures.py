@@ -32,16 +32,18 @@ def read(name):
 
 def memory(out):
     """Figure 1: activation memory of one loss call against n_t (--compare --json)."""
-    data = read("compare_len3.json")
+    data = read("compare_len3.json")  # python bgpo.py --compare --samples 1,2,...,64 --json
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method in ("naive", "two_pass", "bgpo"):
-        rows = [r for r in data["rows"] if r["method"] == method and r["mc_batch"] == 1
+    style = {"naive": dict(marker="o"), "bgpo": dict(marker="o"),  # two_pass lies on bgpo
+             "two_pass": dict(marker="s", markersize=10, fillstyle="none", linestyle="--")}
+    for method in ("naive", "bgpo", "two_pass"):
+        rows = [r for r in data if r["method"] == method and r["mc_batch"] == 1
                 and not r["merged"]]
         ax.plot([r["samples"] for r in rows], [r["peak_activation_bytes"] / 2**20 for r in rows],
-                "o-", color=COLORS[method], label=method)
+                color=COLORS[method], label=method, **style[method])
     ax.set(xscale="log", yscale="log", xlabel="n_t, Monte-Carlo samples per response",
            ylabel="activation memory (MB)", title="Activation memory of one loss call")
-    ax.set_xticks([r for r in sorted({r["samples"] for r in data["rows"]})])
+    ax.set_xticks(sorted({r["samples"] for r in data}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.legend()
     save(fig, out)
@@ -71,15 +73,15 @@ def ablation(out):
 
 def gradient(out):
     """Figure 3: relative std of the BGPO gradient against n_t (--grad-stats --json)."""
-    data = read("grad_stats_len16.json")
+    data = read("grad_stats_len16.json")  # python bgpo.py --grad-stats ... --json
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for scheme in ("stratified", "uniform_t"):
-        rows = [r for r in data["rows"] if r["scheme"] == scheme]
+        rows = [r for r in data if r["scheme"] == scheme]
         ax.plot([r["samples"] for r in rows], [r["rel_std"] for r in rows], "o-",
                 color=COLORS[scheme], label=scheme)
     ax.set(xscale="log", xlabel="n_t, Monte-Carlo samples per response",
            ylabel="relative std of the gradient", title="Gradient noise of BGPO")
-    ax.set_xticks(sorted({r["samples"] for r in data["rows"]}))
+    ax.set_xticks(sorted({r["samples"] for r in data}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_ylim(bottom=0)
     ax.legend()
@@ -111,13 +113,13 @@ def save(fig, name):
 
 
 def collect(runs):
-    """RUNS/n{n_t}-s{seed}/metrics.jsonl -> docs/data/ablation_len16.json (its
-    command and commit kept from the file already there)."""
+    """RUNS/n{n_t}-s{seed}/metrics.jsonl -> docs/data/ablation_len16.json:
+    {"runs": {n_t: {seed: [[step, accuracy], ...]}}}."""
     path = os.path.join(DATA, "ablation_len16.json")
-    data = read("ablation_len16.json") if os.path.exists(path) else {}
-    data["runs"] = {}
+    data = {"runs": {}}
     for name in sorted(os.listdir(runs)):
-        if not (name.startswith("n") and "-s" in name):
+        if not (name.startswith("n") and "-s" in name
+                and os.path.isfile(os.path.join(runs, name, "metrics.jsonl"))):
             continue
         n, seed = name[1:].split("-s")
         with open(os.path.join(runs, name, "metrics.jsonl")) as f:
