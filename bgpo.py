@@ -488,14 +488,16 @@ def evaluate_policy(policy, cfg, n_failures=3):
     others (forward passes are collective), and the counts add up."""
     rank, size = real_dllm.world()
     test = policy.task.test
+    share = test[rank::size]
     widest = -(-len(test) // size)
+    batches = -(-widest // 1000)  # of at most 1000 problems, as many on every rank
     acc, failures = toy_dllm.evaluate(
-        policy.model, policy.tokenizer, policy.task, test[rank::size], policy.mask_id,
-        policy.response_length, batch_size=-(-widest // -(-widest // 1000)),  # <= 1000, equal
-        n_failures=n_failures, block_length=cfg.block_length, steps=cfg.sampler_steps)
+        policy.model, policy.tokenizer, policy.task, share, policy.mask_id,
+        policy.response_length, batch_size=-(-widest // batches), n_failures=n_failures,
+        block_length=cfg.block_length, steps=cfg.sampler_steps)
     if size == 1:
         return acc, failures
-    return real_dllm.global_mean(acc * len(test[rank::size])) * size / len(test), failures
+    return real_dllm.global_mean(acc * len(share)) * size / len(test), failures
 
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
@@ -560,8 +562,8 @@ def finish(policy, cfg, state, out):
         summary["peak_rss_bytes_per_rank"] = real_dllm.peak_memory_per_rank()
     weights = real_dllm.full_state(policy.model)[0] if out else None  # torchrun: all gather
     if out and rank == 0:
-        save = lambda tmp: save_model(policy, tmp, weights)  # noqa: E731
-        toy_dllm.save_dir_atomic(os.path.join(out, "model"), save)
+        toy_dllm.save_dir_atomic(os.path.join(out, "model"),
+                                 lambda tmp: save_model(policy, tmp, weights))
         toy_dllm.write_atomic(os.path.join(out, "summary.json"),
                               json.dumps(summary, indent=1) + "\n")
     return summary
@@ -1230,7 +1232,7 @@ def load_model(cfg, path, saved):
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = saved.get("lora_base")
         with blame(f"its base model {base}"):
-            model, tokenizer = load_model(cfg, base, base and saved_settings(base))
+            model, tokenizer = load_model(cfg, base, saved_settings(base) if base else {})
         return real_dllm.load_lora(model, path), tokenizer
     shifted = {"yes": True, "no": False}.get(cfg.shifted_logits, saved.get("shifted_logits", "auto"))
     return load_checkpoint(path, cfg.trust_remote_code, shifted)
