@@ -1,11 +1,10 @@
 """BGPO: Boundary-Guided Policy Optimization for diffusion LMs, in one file.
 
-Reinforcement learning needs log pi(y|x), and a masked-diffusion LM cannot
-compute it. It can compute a lower bound, the ELBO, but only as an average
-over n_t Monte-Carlo samples of masked copies of y. The ELBO-ratio objective
-is non-linear in those samples, so all n_t forward graphs must be kept until
-backward: memory grows with n_t. BGPO replaces it with a lower bound that is
-*linear* in the samples, so each sample is backwarded and freed on its own.
+RL needs log pi(y|x); a masked-diffusion LM only gives a lower bound, the
+ELBO, as an average over n_t Monte-Carlo samples of masked copies of y. The
+ELBO-ratio objective is non-linear in those samples, so all n_t forward
+graphs are kept until backward: memory grows with n_t. BGPO's lower bound is
+*linear* in the samples, so each is backwarded and freed on its own.
 
 One RL step, in the paper's symbols (arXiv 2510.11683):
 
@@ -81,21 +80,15 @@ def group_advantages(rewards, group_size):
 #                  l_j = ((k - 1 + floor((j-1) L/n_t)) mod L) + 1, k ~ U{1..L}
 #                  (one offset k per response): each l_j alone is uniform on
 #                  1..L, and together they spread evenly (n_t = L: each once).
-#                  LLaDA's and the official code's round(k + (j-1) L/n_t)
-#                  sends a tie (2 (j-1) L/n_t odd: odd L with even n_t, or
-#                  L = 6 with n_t = 4) to the even number: that count is not
-#                  uniform, and the estimate biased. Without ties the two are
-#                  equal in distribution; draw for draw only if n_t divides L.
+#                  The official code's round() is biased at ties (README).
 #    "uniform_t":  t ~ U(0,1), each token masked with prob. t (the forward
-#                  process), w = E[1/t | l of L masked] = (L+1)/l: the paper's
-#                  w = 1/t averaged over t given the mask (Rao-Blackwell); its
-#                  variance is finite, 1/t's is not.
+#                  process), w = E[1/t | l of L masked] = (L+1)/l: the
+#                  paper's 1/t averaged given the mask, of finite variance.
 
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
-    """n_t = n_samples masks per response of responses (B, L), only its shape
-    used, and their ELBO weights: masks Bool (n_t, B, L), weights Float
-    (n_t, B). scheme: "stratified" or "uniform_t" (see the banner).
+    """n_t = n_samples masks of each response (B, L) (only its shape is used)
+    and their weights: Bool (n_t, B, L), Float (n_t, B).
 
     >>> masks, w = sample_masks(torch.zeros(1, 4, dtype=torch.long), 4)
     >>> sorted(masks.sum(-1).flatten().tolist())  # n_t = L: each count 1..L once
@@ -141,9 +134,8 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
 
 
 def elbo_terms_at_once(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
-    """l_j of K masks of every response, Float (K, B) from masks (K, B, L), in
-    one forward pass over K copies of the batch (K times one pass's memory).
-    A row of weight 0 (an empty slot, merge_repeats) is 0 and not computed."""
+    """l_j of K masks (K, B, L) of every response in one forward pass over K
+    copies of the batch: Float (K, B). A row of weight 0 is 0, not computed."""
     K, B, L = masks.shape
     rows = weights.flatten().nonzero().squeeze(1)                        # of the K B rows
     b = rows % B                                                         # their responses
@@ -180,9 +172,8 @@ def check_shapes(prompts, responses, masks, weights, **more):
 def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False,
                         old=True, mc_batch=1):
     """Step 3 on a Rollout: masks (n_t, B, L), weights (n_t, B) and the old
-    policy's l_old_j (n_t, B), without gradient; or None with old=False (on-
-    policy policy_loss_backward takes them from its own forward passes).
-    length_norm divides each l_j by L, the official code's per-token ELBO."""
+    policy's l_old_j (n_t, B) without gradient, or None if not old.
+    length_norm divides each l_j by L (the official code's per-token ELBO)."""
     masks, weights = sample_masks(batch.responses, n_samples, generator, scheme)
     if length_norm:
         weights = weights / batch.responses.shape[1]
@@ -195,12 +186,11 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
 
 
 def merge_repeats(masks, weights, old_terms=None):
-    """The distinct samples of each response, with counts: samples of a response
-    with the same mask have the same l_j, so a sum over the n_t samples may
-    run over the distinct ones, each times its count (a 3-token answer has 7
-    masks; 16 samples hold about 6.3 distinct). Returns masks, weights,
-    old_terms and counts with n' <= n_t slots, n' the most any response needs;
-    a response with fewer has count 0, weight 0 and old term 0 in its last.
+    """Equal masks of a response give equal l_j, so the sum over n_t samples
+    may run over the distinct ones, each times its count (3 tokens have 7
+    masks). Returns masks, weights, old_terms and counts with n' <= n_t
+    slots; a response with fewer distinct masks has empty slots: count,
+    weight and old term 0.
 
     >>> masks = torch.tensor([[[1, 0]], [[0, 1]], [[1, 0]]]).bool()  # (n_t, B, L) = (3, 1, 2)
     >>> masks, weights, _, counts = merge_repeats(masks, torch.full((3, 1), 2.0))
@@ -324,14 +314,13 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          mc_batch=1, merge=True):
     """Backward L = -(1/B) sum_i R_i into the model's .grad (accumulating);
     returns L's value. prompts (B, Lp), responses (B, L), advantages (B,);
-    masks (n_t, B, L) and weights (n_t, B) from sample_masks; old_terms (n_t,
-    B), the old policy's l_j on them, or None on-policy (each l_j's own value,
-    detached: the same numbers without n_t extra passes). method: "bgpo",
-    "naive" (all n_t graphs at once) or "two_pass" (the naive gradient at
-    constant memory); clip: PPO epsilon or None (the paper); prompt_mask
-    (B, Lp), False at left padding, or None; mc_batch: samples per forward
-    pass; merge: compute repeated masks once (merge_repeats). mc_batch and
-    merge change the gradient only by float rounding."""
+    masks (n_t, B, L), weights (n_t, B) (sample_masks); old_terms (n_t, B),
+    or None on-policy (each l_j's own value, detached: no extra passes).
+    method: "bgpo", "naive" (all n_t graphs at once) or "two_pass" (the naive
+    gradient at constant memory); clip: PPO epsilon or None (the paper);
+    prompt_mask (B, Lp), False at left padding; mc_batch: samples per forward
+    pass; merge: repeated masks once (merge_repeats). mc_batch and merge
+    change the gradient only by float rounding."""
     check_shapes(prompts, responses, masks, weights, advantages=advantages, old_terms=old_terms,
                  prompt_mask=prompt_mask)
     if method not in METHODS:
@@ -398,18 +387,15 @@ def rollout(policy, problems, cfg, generator):
 # -----------------------------------------------------------------------------
 # 5. The GRPO-style loop
 #    each step: rollout -> advantages -> masks (+ old terms if off-policy) ->
-#    updates_per_batch mini-batch updates through policy_loss_backward -> log.
-#    With 1 update the old policy is the current one (on-policy: BGPO equals
-#    the naive objective, and the old terms are the new terms' own values);
-#    with 2 the second mini-batch is off-policy. Under torchrun (real_dllm.py)
-#    each rank rolls out its share of the prompts: the lines marked "torchrun".
-#    cfg is a Config (section 8): every setting, with its default.
+#    updates_per_batch updates through policy_loss_backward -> log. With one
+#    update the old policy is the current one (on-policy); with two, the
+#    second is off-policy. Lines marked "torchrun" share the work over ranks.
 
 
 def train(policy, cfg, out=None, resume_state=None):
-    """The RL loop; returns the summary. Each step appends a record to the
-    metrics (out/metrics.jsonl), each cfg.save_every steps a checkpoint is
-    saved, and resume_state (load_trainer_state) continues a run exactly."""
+    """The RL loop; returns the summary. Each step appends a record to
+    out/metrics.jsonl; a checkpoint every cfg.save_every steps; resume_state
+    (load_trainer_state) continues a run exactly."""
     rank, size = real_dllm.world()                                    # torchrun; (0, 1) if not
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)               # prompts and masks
@@ -592,8 +578,7 @@ def checkpoints(out):
 
 
 def save_model(policy, path, weights=None):
-    """The model and tokenizer (save_pretrained), and what `--model path` needs
-    to use them with no other flag (bgpo.json). weights: a sharded model's."""
+    """The model and tokenizer, and bgpo.json. weights: a sharded model's."""
     real_dllm.save_pretrained(policy.model, path, weights)
     policy.tokenizer.save_pretrained(path)
     settings = dict(response_length=policy.response_length, mask_id=policy.mask_id,
@@ -631,9 +616,8 @@ def save_checkpoint(out, policy, optimizer, state):
 
 
 def load_trainer_state(checkpoint, device):
-    """The loop's state saved in a checkpoint. A run resumes on the kind of
-    device it was saved on (a CUDA generator's state cannot seed a CPU one)
-    and in as many processes (each has its optimizer shard and sampler)."""
+    """The loop's state saved in a checkpoint, on the kind of device and in
+    as many processes as it was saved from (RNG states and shards need it)."""
     try:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
                            weights_only=True)
@@ -651,24 +635,16 @@ def load_trainer_state(checkpoint, device):
 # -----------------------------------------------------------------------------
 # 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
 #    memory:     what grows with n_t is what autograd saves for backward
-#                (activations): a saved-tensor hook counts each storage once
-#                while it is held, and keeps the peak (on CUDA, the
-#                allocator's own peak too).
-#    compare:    per n_t and method, one policy_loss_backward call, all on the
-#                same work (every sample computed); BGPO once per K of
-#                --mc-batch, and once with repeated masks merged, as trained.
-#    grad-stats: BGPO gradients g_r from 8 mask draws per n_t, against g*, the
-#                mean of 8 draws at n_t = 256: rel. std = sqrt(sum_r |g_r -
-#                mean g|^2 / 7) / |g*|, rel. bias = |mean g - g*| / |g*| and
-#                the floor noise alone gives it, sqrt(std^2 / 8 + var(g*)) /
-#                |g*|, rel. error = mean_r |g_r - g*| / |g*|. The row for n_t
-#                takes every (max/n_t)-th of one draw's max(n_t) masks, so the
-#                rows differ by n_t, not by luck.
+#                (activations), counted by a saved-tensor hook while held.
+#    compare:    per n_t, each method's policy_loss_backward on the same work;
+#                BGPO per K of --mc-batch, and merged, as trained.
+#    grad-stats: BGPO gradients of 8 mask draws per n_t against g*, the mean
+#                of 8 draws at n_t = 256 (the columns: docs/results.md).
 
 
 class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
-    """Context manager: peak bytes autograd holds for backward inside it.
-    Parameters (anything in `exclude`) are not activations and not counted.
+    """Context manager: peak bytes autograd holds for backward inside it, each
+    storage once; parameters (anything in `exclude`) are not counted.
 
     >>> w = torch.randn(1000, requires_grad=True)
     >>> with SavedTensorMeter(exclude=[w]) as meter:
@@ -731,7 +707,7 @@ def measure(fn, model, device):
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
                       merge=True):
     """measure() of one policy_loss_backward call on a Rollout, from zero
-    gradients; the gradient it leaves is in the model's .grad."""
+    gradients; the gradient stays in the model's .grad."""
     policy.model.zero_grad(set_to_none=True)
     return measure(lambda: policy_loss_backward(
         policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
@@ -745,8 +721,7 @@ def flat_grad(model):
 
 def fixed_batch(policy, cfg, both_signs=False, tries=100):
     """A seeded rollout of cfg.prompts train problems: the first ones, or with
-    both_signs the first of `tries` random draws with some A > 0 and some
-    A < 0, so that both of BGPO's lemmas show (--explain)."""
+    both_signs the first random draw with advantages of both signs (--explain)."""
     data_rng = torch.Generator().manual_seed(cfg.seed)
     sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     if not both_signs:
@@ -770,9 +745,8 @@ def perturb_weights(model, scale, seed):
 
 
 def compare(policy, cfg, sample_counts, repeats=2):
-    """Rows of method x n_t measurements (see the banner). With cfg.perturb > 0
-    the model moves after the old terms are taken: off-policy, where BGPO's
-    objective is a strict lower bound of the naive one."""
+    """Rows of method x n_t measurements (see the banner); with cfg.perturb
+    the model moves after the old terms are taken (off-policy)."""
     model, batch = policy.model, fixed_batch(policy, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
     original = {name: t.clone() for name, t in model.state_dict().items()} if cfg.perturb else None
@@ -816,7 +790,9 @@ def bgpo_gradient(policy, batch, masks, weights, old_terms):
 
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
-    """Rows of scheme x n_t: relative std, bias and error of the BGPO gradient (see the banner)."""
+    """Rows of scheme x n_t: relative std, bias and error of the BGPO gradient.
+    Each draw's masks for n_t are every (max/n_t)-th of one draw at the
+    largest n_t, so that the rows differ by n_t, not by luck."""
     batch = fixed_batch(policy, cfg)
     if not batch.advantages.any():
         raise ValueError("every group of the fixed batch has equal rewards: no gradient to study")
@@ -853,8 +829,7 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
 
 def explain(policy, cfg):
     """--explain: one BGPO step on a small batch, every number printed in the
-    order of the algorithm; then the claims checked on that batch. The weights
-    are left as they were (no optimizer step)."""
+    order of the algorithm, then the claims checked on it; no optimizer step."""
     model, batch = policy.model, fixed_batch(policy, cfg, both_signs=True)
     n, A = cfg.samples, batch.advantages
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
@@ -891,8 +866,8 @@ def explain(policy, cfg):
 
 
 def explain_checks(policy, cfg, batch, masks, weights, old_terms):
-    """The claims on --explain's batch: equal gradients on-policy, R_lb <= R
-    off-policy, and the activation memory of each method."""
+    """--explain's claims on its batch: equal gradients on-policy, R_lb <= R
+    off-policy, and each method's activation memory."""
     model, n, A = policy.model, len(masks), batch.advantages
     bgpo_grad = flat_grad(model).clone()  # what step 4 accumulated
     measure_loss_call(policy, batch, masks, weights, old_terms, "naive", cfg.clip)
@@ -956,7 +931,6 @@ def format_table(rows):
     table = [[head for head, _ in columns]] + [[str(cell(r)) for _, cell in columns] for r in rows]
     widths = [max(len(row[c]) for row in table) for c in range(len(columns))]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in table)
-
 
 # -----------------------------------------------------------------------------
 # 8. Command line: Config, every setting and its flag; then in the order main
