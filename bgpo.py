@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -395,7 +394,7 @@ def rollout(policy, problems, cfg, generator):
 def train(policy, cfg, out=None, resume_state=None):
     """The RL loop; returns the summary. Each step appends a record to
     out/metrics.jsonl; a checkpoint every cfg.save_every steps; resume_state
-    (load_trainer_state) continues a run exactly."""
+    (real_dllm.load_trainer_state) continues a run exactly."""
     rank, size = real_dllm.world()                                    # torchrun; (0, 1) if not
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)               # prompts and masks
@@ -438,7 +437,7 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
         rows = (minibatch[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # its groups
         mini = batch[rows]
         optimizer.zero_grad(set_to_none=True)
-        meter = activation_meter(policy.model) if measure_memory and one_process else None
+        meter = real_dllm.activation_meter(policy.model) if measure_memory and one_process else None
         with meter or contextlib.nullcontext():
             loss = policy_loss_backward(
                 policy.model, mini.prompts, mini.responses, mini.advantages, masks[:, rows],
@@ -565,38 +564,14 @@ def say(text):
 #    tokenizer, bgpo.json (response length, mask id) and trainer_state.pt
 #    (step, metrics, optimizer, RNG states); only the latest is kept.
 
-SAVED_SETTINGS = "bgpo.json"  # beside a saved model: what --model needs to use it again
-
-
-def checkpoints(out):
-    """Complete checkpoint directories (out/checkpoint-STEP), oldest first."""
-    if not os.path.isdir(out):
-        return []
-    steps = [n.split("-", 1)[1] for n in os.listdir(out) if n.startswith("checkpoint-")]
-    return [os.path.join(out, f"checkpoint-{s}") for s in sorted(
-        (s for s in steps if s.isdigit()), key=int)]
-
-
 def save_model(policy, path, weights=None):
-    """The model and tokenizer, and bgpo.json. weights: a sharded model's."""
-    real_dllm.save_pretrained(policy.model, path, weights)
-    policy.tokenizer.save_pretrained(path)
+    """The model, its tokenizer and what --model needs to use it again (mask
+    id, response length, ...). weights: a sharded model's (full_state)."""
     settings = dict(response_length=policy.response_length, mask_id=policy.mask_id,
                     shifted_logits=real_dllm.reads_shifted(policy.model))
-    if real_dllm.has_lora(policy.model):  # peft saved the adapters only
+    if real_dllm.has_lora(policy.model):  # peft saves the adapters only
         settings["lora_base"] = policy.lora_base
-    toy_dllm.write_atomic(os.path.join(path, SAVED_SETTINGS),
-                          json.dumps(settings, indent=1) + "\n")
-
-
-def saved_settings(path):
-    """What save_model wrote beside a model, or {}."""
-    try:
-        with open(os.path.join(path, SAVED_SETTINGS)) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+    real_dllm.save_model(path, policy.model, policy.tokenizer, settings, weights)
 
 
 def save_checkpoint(out, policy, optimizer, state):
@@ -611,26 +586,9 @@ def save_checkpoint(out, policy, optimizer, state):
                    os.path.join(tmp, "trainer_state.pt"))
 
     toy_dllm.save_dir_atomic(os.path.join(out, f"checkpoint-{state['step']}"), save)
-    for old in checkpoints(out)[:-1]:
+    for old in real_dllm.checkpoints(out)[:-1]:
         shutil.rmtree(old)
 
-
-def load_trainer_state(checkpoint, device):
-    """The loop's state saved in a checkpoint, on the kind of device and in
-    as many processes as it was saved from (RNG states and shards need it)."""
-    try:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
-                           weights_only=True)
-    except Exception as e:  # truncated or foreign file: torch raises many kinds
-        raise ValueError(f"cannot read {os.path.basename(checkpoint)}/trainer_state.pt "
-                         f"({real_dllm.first_line(e)})") from e
-    if state["device_type"] != device.type:
-        raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
-                         f"resume it there (--device {state['device_type']})")
-    if state["world_size"] != real_dllm.world()[1]:
-        raise ValueError(f"{checkpoint} was saved by {state['world_size']} process(es); resume "
-                         f"it with torchrun --nproc_per_node {state['world_size']}")
-    return state
 
 # -----------------------------------------------------------------------------
 # 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
@@ -642,74 +600,12 @@ def load_trainer_state(checkpoint, device):
 #                of 8 draws at n_t = 256 (the columns: docs/results.md).
 
 
-class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
-    """Context manager: peak bytes autograd holds for backward inside it, each
-    storage once; parameters (anything in `exclude`) are not counted.
-
-    >>> w = torch.randn(1000, requires_grad=True)
-    >>> with SavedTensorMeter(exclude=[w]) as meter:
-    ...     loss = w.exp().sum()          # exp saves its output: 1000 floats
-    >>> meter.peak_bytes
-    4000
-    """
-
-    def __init__(self, exclude=()):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.holders = {}  # storage -> how many saved tensors hold it
-        self.current_bytes = self.peak_bytes = 0
-        super().__init__(self.pack, lambda held: held)
-
-    def __enter__(self):
-        super().__enter__()
-        return self
-
-    def pack(self, tensor):
-        key, nbytes = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
-        if key in self.exclude:
-            return tensor
-        if key not in self.holders:
-            self.holders[key] = 0
-            self.current_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-        self.holders[key] += 1
-        held = tensor.detach()  # what autograd keeps: freed with the graph, then released
-        weakref.finalize(held, self.release, key, nbytes)
-        return held
-
-    def release(self, key, nbytes):
-        self.holders[key] -= 1
-        if self.holders[key] == 0:
-            del self.holders[key]
-            self.current_bytes -= nbytes
-
-
-def activation_meter(model):
-    """A SavedTensorMeter that leaves out the model's parameters and buffers."""
-    return SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
-
-
-def measure(fn, model, device):
-    """Run fn() once: (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    with activation_meter(model) as meter:
-        result = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return result, meter.peak_bytes, seconds, torch.cuda.max_memory_allocated() - base if cuda else None
-
-
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
                       merge=True):
-    """measure() of one policy_loss_backward call on a Rollout, from zero
+    """real_dllm.measure() of one policy_loss_backward call on a Rollout, from zero
     gradients; the gradient stays in the model's .grad."""
     policy.model.zero_grad(set_to_none=True)
-    return measure(lambda: policy_loss_backward(
+    return real_dllm.measure(lambda: policy_loss_backward(
         policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
         old_terms, policy.mask_id, method=method, clip=clip, prompt_mask=batch.prompt_mask,
         mc_batch=mc_batch, merge=merge), policy.model, policy.device)
@@ -1088,7 +984,7 @@ def parse_args(parser, argv):
 
 def read_run(out, given):
     """run.json's settings and the latest checkpoint of the run saved in out."""
-    found = checkpoints(out)
+    found = real_dllm.checkpoints(out)
     try:
         with open(os.path.join(out, "run.json")) as f:
             run = json.load(f)
@@ -1150,7 +1046,7 @@ def load_policy(cfg, device, checkpoint=None):
     against the task (mask id, response length), with LoRA adapters and
     activation checkpointing where the flags ask for them."""
     path = checkpoint or cfg.model
-    saved = saved_settings(path) if path else {}
+    saved = real_dllm.saved_settings(path) if path else {}
     task = toy_dllm.make_task(cfg.digits, cfg.test_size)
     source = f"--resume {cfg.resume}" if checkpoint else f"--model {path}"
     with blame(source) if path else contextlib.nullcontext():
@@ -1206,7 +1102,7 @@ def load_model(cfg, path, saved):
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = saved.get("lora_base")
         with blame(f"its base model {base}"):
-            model, tokenizer = load_model(cfg, base, saved_settings(base) if base else {})
+            model, tokenizer = load_model(cfg, base, real_dllm.saved_settings(base) if base else {})
         return real_dllm.load_lora(model, path), tokenizer
     shifted = {"yes": True, "no": False}.get(cfg.shifted_logits, saved.get("shifted_logits", "auto"))
     return load_checkpoint(path, cfg.trust_remote_code, shifted)
@@ -1277,7 +1173,7 @@ def main(argv=None):
         if cfg.activation_budget:
             check_activation_budget(policy, cfg)
         with blame(f"--resume {cfg.resume}"):
-            resume_state = load_trainer_state(checkpoint, device) if checkpoint else None
+            resume_state = real_dllm.load_trainer_state(checkpoint, device) if checkpoint else None
         if cfg.out:  # only now, with every check passed, is anything written
             prepare_out(cfg, policy, resuming=checkpoint is not None)
     except ValueError as e:
@@ -1288,7 +1184,7 @@ def main(argv=None):
     try:
         train(policy, cfg, out=cfg.out, resume_state=resume_state)
     except KeyboardInterrupt:
-        found = checkpoints(cfg.out) if cfg.out else []
+        found = real_dllm.checkpoints(cfg.out) if cfg.out else []
         hint = (f"continue with --resume {cfg.out} (from {os.path.basename(found[-1])})"
                 if found else "no checkpoint to resume from (see --save-every)")
         print(f"\nbgpo.py: interrupted; {hint}", file=sys.stderr)

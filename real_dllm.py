@@ -19,10 +19,13 @@ checkpoint or setting that cannot be used; bgpo.py's main says it in one line.
 """
 
 import inspect
+import json
 import os
 import sys
+import time
 import types
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -172,21 +175,68 @@ def load_checkpoint(path, trust_remote_code=False, shifted="auto"):
     return adapt(model.eval(), shifted), tokenizer
 
 
-def save_pretrained(model, path, state_dict=None):
+SETTINGS = "bgpo.json"  # beside a saved model: what using it again needs (mask id, ...)
+
+
+def save_model(path, model, tokenizer, settings, weights=None):
     """save_pretrained of the model inside the adapter (with LoRA: the adapters
-    only). state_dict: the full weights of a sharded model (full_state)."""
+    only) and of the tokenizer, and settings (SETTINGS). weights: the full
+    weights of a sharded model (full_state)."""
     inner = unwrap(model)
-    inner.save_pretrained(path, state_dict=state_dict)
+    inner.save_pretrained(path, state_dict=weights)
     generation = getattr(inner, "generation_config", None)
     if generation is not None and not os.path.exists(os.path.join(path, "generation_config.json")):
         generation.save_pretrained(path)  # Dream's from_pretrained reads it back
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, SETTINGS), "w") as f:
+        f.write(json.dumps(settings, indent=1) + "\n")
 
 
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
+
+def saved_settings(path):
+    """The settings saved beside a model (SETTINGS), or {}."""
+    try:
+        with open(os.path.join(path, SETTINGS)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def checkpoints(out):
+    """A run's checkpoint directories, out/checkpoint-STEP, oldest first."""
+    if not os.path.isdir(out):
+        return []
+    steps = [n.split("-", 1)[1] for n in os.listdir(out) if n.startswith("checkpoint-")]
+    return [os.path.join(out, f"checkpoint-{s}") for s in sorted(
+        (s for s in steps if s.isdigit()), key=int)]
+
+
+def load_trainer_state(checkpoint, device):
+    """The trainer state saved in a checkpoint (trainer_state.pt), on the kind
+    of device and in as many processes as it was saved from (RNG states and
+    optimizer shards need it)."""
+    try:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
+                           weights_only=True)
+    except Exception as e:  # truncated or foreign file: torch raises many kinds
+        raise ValueError(f"cannot read {os.path.basename(checkpoint)}/trainer_state.pt "
+                         f"({first_line(e)})") from e
+    if state["device_type"] != device.type:
+        raise ValueError(f"{checkpoint} was saved on {state['device_type']}; "
+                         f"resume it there (--device {state['device_type']})")
+    if state["world_size"] != world()[1]:
+        raise ValueError(f"{checkpoint} was saved by {state['world_size']} process(es); resume "
+                         f"it with torchrun --nproc_per_node {state['world_size']}")
+    return state
+
 # -----------------------------------------------------------------------------
-# 3. Memory levers: LoRA adapters and activation checkpointing
+# 3. Memory: LoRA adapters, activation checkpointing, and what they save
+#    What grows with n_t is what autograd saves for backward (activations):
+#    SavedTensorMeter counts each saved storage once while it is held.
 
 
 def has_lora(model):
@@ -250,6 +300,67 @@ def eval_mode(model):
         if getattr(module, "gradient_checkpointing", None) is True:
             module.training = True
 
+
+class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
+    """Context manager: peak bytes autograd holds for backward inside it, each
+    storage once; parameters (anything in `exclude`) are not counted.
+
+    >>> w = torch.randn(1000, requires_grad=True)
+    >>> with SavedTensorMeter(exclude=[w]) as meter:
+    ...     loss = w.exp().sum()          # exp saves its output: 1000 floats
+    >>> meter.peak_bytes
+    4000
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.holders = {}  # storage -> how many saved tensors hold it
+        self.current_bytes = self.peak_bytes = 0
+        super().__init__(self.pack, lambda held: held)
+
+    def __enter__(self):
+        super().__enter__()
+        return self
+
+    def pack(self, tensor):
+        key, nbytes = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+        if key in self.exclude:
+            return tensor
+        if key not in self.holders:
+            self.holders[key] = 0
+            self.current_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        self.holders[key] += 1
+        held = tensor.detach()  # what autograd keeps: freed with the graph, then released
+        weakref.finalize(held, self.release, key, nbytes)
+        return held
+
+    def release(self, key, nbytes):
+        self.holders[key] -= 1
+        if self.holders[key] == 0:
+            del self.holders[key]
+            self.current_bytes -= nbytes
+
+
+def activation_meter(model):
+    """A SavedTensorMeter that leaves out the model's parameters and buffers."""
+    return SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
+
+
+def measure(fn, model, device):
+    """Run fn() once: (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    with activation_meter(model) as meter:
+        result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return result, meter.peak_bytes, seconds, torch.cuda.max_memory_allocated() - base if cuda else None
 # -----------------------------------------------------------------------------
 # 4. Many processes: torchrun + FSDP2
 #    `torchrun --nproc_per_node W bgpo.py ...` starts W copies of the script

@@ -10,6 +10,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
 import bgpo
+import real_dllm
 from test_rl import SMALL, read_metrics, run
 
 TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2", "--test-size", "20"]
@@ -158,7 +159,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(warm, tmp_path, capsy
 
 
 def bgpo_checkpoints(out):
-    return [type(out)(p) for p in bgpo.checkpoints(str(out))]
+    return [type(out)(p) for p in real_dllm.checkpoints(str(out))]
 
 
 def test_resume_refuses_changed_settings(saved_run, tmp_path, capsys):

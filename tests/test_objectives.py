@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bgpo
+import real_dllm
 from conftest import random_batch, tiny_model
 
 MASK = 13  # the toy tokenizer's [MASK]
@@ -412,16 +413,16 @@ def test_stratified_has_lower_variance_than_uniform_t(model64):
 
 def test_saved_tensor_meter_counts_storages_once():
     x = torch.randn(1000, requires_grad=True)                  # a parameter: not counted
-    with bgpo.SavedTensorMeter(exclude=[x]) as meter:
+    with real_dllm.SavedTensorMeter(exclude=[x]) as meter:
         y = x.exp()              # saves y: 4000 bytes
         z = (y * y).sum()        # saves y twice more: still the same storage
     assert meter.peak_bytes == 4000 and meter.current_bytes == 4000
     z.backward()
     assert meter.current_bytes == 0                            # freed with the graph
-    with bgpo.SavedTensorMeter() as meter:                      # nothing excluded
+    with real_dllm.SavedTensorMeter() as meter:                      # nothing excluded
         (x * 2).sum().backward()
     assert meter.peak_bytes == 0                               # times a constant: nothing saved
-    with bgpo.SavedTensorMeter() as meter:
+    with real_dllm.SavedTensorMeter() as meter:
         (x * x).sum().backward()
     assert meter.peak_bytes == 4000                            # x, saved twice, counted once
 
@@ -439,7 +440,7 @@ def test_memory_bgpo_flat_naive_linear(tokenizer):
             old = bgpo.elbo_terms(model, prompts, responses, masks, weights, MASK)
         for method in bgpo.METHODS:
             model.zero_grad()
-            _, peak[method, n], _, _ = bgpo.measure(lambda: bgpo.policy_loss_backward(
+            _, peak[method, n], _, _ = real_dllm.measure(lambda: bgpo.policy_loss_backward(
                 model, prompts, responses, adv, masks, weights, old, MASK, method=method,
                 merge=False), model, "cpu")
     assert peak["naive", 1] > 0

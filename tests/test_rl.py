@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bgpo
+import real_dllm
 import toy_dllm
 from conftest import TINY_WARM_START
 
@@ -117,7 +118,7 @@ def test_toy_at_a_response_length_trains_its_warm_start_there_and_runs(tmp_path,
                     capsys)
     assert status == 0
     assert json.load(open(out / "run.json"))["response_length"] == 8
-    assert json.load(open(out / "model" / bgpo.SAVED_SETTINGS))["response_length"] == 8
+    assert json.load(open(out / "model" / real_dllm.SETTINGS))["response_length"] == 8
     assert len(read_metrics(out)) == 3
 
 
