@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -958,9 +957,8 @@ def build_parser():
 
 
 def parse_args(parser, argv):
-    """The flags, over --explain's small batch or, under --resume, over the
-    saved run's settings; checked against each other. Returns (a Config, the
-    checkpoint to resume or None)."""
+    """(Config, checkpoint to resume or None): the flags, over --explain's
+    small batch or the --resume run's settings, checked against each other."""
     args = vars(parser.parse_args(argv))
     given = {name: v for name, v in vars(parser.parse_args(argv, argparse.Namespace(
         **{name: NOT_TYPED for name in args}))).items() if v is not NOT_TYPED}  # typed
@@ -1026,12 +1024,6 @@ def check_flags(cfg):
                          f"x {cfg.updates_per_batch} updates per batch")
 
 
-def resolve_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-
-
 @contextlib.contextmanager
 def blame(source):
     """A ValueError raised inside is said as 'source: message'."""
@@ -1043,23 +1035,21 @@ def blame(source):
 
 def load_policy(cfg, device, checkpoint=None):
     """The toy warm start, or the model of --model (or --resume), checked
-    against the task (mask id, response length), with LoRA adapters and
-    activation checkpointing where the flags ask for them."""
+    against the task, with the LoRA adapters and checkpointing asked for."""
     path = checkpoint or cfg.model
     saved = real_dllm.saved_settings(path) if path else {}
     task = toy_dllm.make_task(cfg.digits, cfg.test_size)
     source = f"--resume {cfg.resume}" if checkpoint else f"--model {path}"
     with blame(source) if path else contextlib.nullcontext():
         model, tokenizer = load_model(cfg, path, saved)
-    mask_id = next((m for m in (cfg.mask_id, saved.get("mask_id"), tokenizer.mask_token_id)
-                    if m is not None), None)
+        mask_id = next((m for m in (cfg.mask_id, saved.get("mask_id"), tokenizer.mask_token_id)
+                        if m is not None), None)
+        if mask_id is None:
+            raise ValueError("the tokenizer names no mask token; give --mask-id")
+        prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(task.test))
     vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
-    if mask_id is None:
-        raise ValueError(f"{path}: the tokenizer names no mask token; give --mask-id")
     if not 0 <= mask_id < vocab:
         raise ValueError(f"--mask-id {mask_id} is outside the model's vocabulary of {vocab}")
-    with blame(path):
-        toy_dllm.end_token_id(tokenizer)
     longest = max(len(ids) for ids in tokenizer(task.answers(task.test),
                                                 add_special_tokens=False)["input_ids"])
     length = (cfg.response_length or saved.get("response_length")
@@ -1067,7 +1057,6 @@ def load_policy(cfg, device, checkpoint=None):
     if length < longest:
         raise ValueError(f"--response-length {length} is shorter than the longest answer "
                          f"({longest} tokens)")
-    prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(task.test))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and prompts.shape[1] + length > positions:
         raise ValueError(f"prompt ({prompts.shape[1]}) + response ({length}) tokens exceed the "
@@ -1094,8 +1083,7 @@ def load_policy(cfg, device, checkpoint=None):
 
 def load_model(cfg, path, saved):
     """(model, tokenizer): the toy warm start (path None), or the checkpoint
-    at path. A LoRA checkpoint holds adapters only: they go on its base model
-    (bgpo.json's lora_base; None: the toy)."""
+    at path; a LoRA checkpoint's adapters on its base (bgpo.json's lora_base)."""
     if path is None:
         return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
                                    response_length=cfg.response_length)[:2]
@@ -1109,10 +1097,9 @@ def load_model(cfg, path, saved):
 
 
 def check_activation_budget(policy, cfg):
-    """--activation-budget: one loss call of the run's method at its n_t and K
-    on a batch of its size, measured as --compare does. Over the budget it
-    stops before anything is written, naming the largest n_t that fits (a
-    bisection: memory grows with n_t for naive, up to K for BGPO)."""
+    """--activation-budget: one loss call of the run's method, n_t and K, on a
+    batch of its size, as --compare measures it; over the budget, an error
+    naming the largest n_t that fits (memory does not fall as n_t grows)."""
     batch, need = fixed_batch(policy, cfg), {}  # MB of activations at each n_t tried
 
     def fits(n):
@@ -1125,7 +1112,7 @@ def check_activation_budget(policy, cfg):
 
     if fits(cfg.samples):
         return
-    most, too_many = 0, cfg.samples  # the largest n_t that fits lies in [most, too_many)
+    most, too_many = 0, cfg.samples  # bisection: the largest n_t that fits is in [most, too_many)
     while too_many - most > 1:
         n = (most + too_many) // 2
         most, too_many = (n, too_many) if fits(n) else (most, n)
@@ -1136,28 +1123,25 @@ def check_activation_budget(policy, cfg):
 
 
 def prepare_out(cfg, policy, resuming):
-    """--out: a writable directory holding no other run; run.json written (rank 0)."""
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cfg.out):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror or e})") from e
+    """--out: a directory holding no other run; run.json written there (rank 0)."""
     if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise ValueError(f"--out {cfg.out} already holds a run; use --resume {cfg.out} or "
                          "another --out")
-    if real_dllm.world()[0] == 0:
-        run = dict(dataclasses.asdict(cfg), response_length=policy.response_length)
-        toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"), json.dumps(run, indent=1) + "\n")
+    run = dict(dataclasses.asdict(cfg), response_length=policy.response_length)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        if real_dllm.world()[0] == 0:
+            toy_dllm.write_atomic(os.path.join(cfg.out, "run.json"),
+                                  json.dumps(run, indent=1) + "\n")
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror or e})") from e
 
 
 def main(argv=None):
     parser = build_parser()
     try:
         cfg, checkpoint = parse_args(parser, argv)
-        device, joined = resolve_device(cfg.device), False
-        if real_dllm.launched_by_torchrun():
-            device, joined = real_dllm.start(device)
+        device, joined = real_dllm.start(cfg.device)  # torchrun: this rank's, in the group
         policy = load_policy(cfg, device, checkpoint)
         with blame(f"--block-length {cfg.block_length}, --sampler-steps {cfg.sampler_steps}"):
             toy_dllm.sampler_blocks(policy.response_length, cfg.block_length, cfg.sampler_steps)

@@ -385,10 +385,16 @@ def launched_by_torchrun():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def start(device):
-    """Join the group torchrun set up: gloo on the CPU, nccl on CUDA (one GPU
-    per rank). Returns (this rank's device, whether this call joined: then
-    stop() leaves the group at the end)."""
+def start(name="auto"):
+    """The device to run on: "cpu", "cuda" or "auto" (CUDA if there is one);
+    under torchrun, this rank's (one GPU each), after joining the group
+    torchrun set up (gloo on the CPU, nccl on CUDA). Returns (device, whether
+    this call joined: then stop() leaves the group at the end)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if not launched_by_torchrun():
+        return device, False
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
