@@ -54,7 +54,6 @@ SCHEMES = ("stratified", "uniform_t")
 #    A_i = (r_i - mean(r_group)) / std(r_group); a group with equal rewards
 #    (all right or all wrong) carries no signal and gets A = 0.
 
-
 def group_advantages(rewards, group_size):
     """Float (B,) rewards, B = n_prompts * group_size -> Float (B,) advantages.
 
@@ -82,7 +81,6 @@ def group_advantages(rewards, group_size):
 #    "uniform_t":  t ~ U(0,1), each token masked with prob. t (the forward
 #                  process), w = E[1/t | l of L masked] = (L+1)/l: the
 #                  paper's 1/t averaged given the mask, of finite variance.
-
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     """n_t = n_samples masks of each response (B, L) (only its shape is used)
@@ -120,7 +118,6 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
         weights = (L + 1) / masks.sum(-1).clamp(min=1)
     return masks.to(responses.device), weights.float().to(responses.device)
 
-
 def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None):
     """l_j = w * sum_i mask_i * log p(y^i | y_t, x) of every response: Float
     (B,), differentiable. prompts Long (B, Lp), responses Long (B, L), mask
@@ -129,7 +126,6 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
     check_shapes(prompts, responses, mask[None], weight[None])
     return elbo_terms_at_once(model, prompts, responses, mask[None], weight[None], mask_id,
                               prompt_mask)[0]
-
 
 def elbo_terms_at_once(model, prompts, responses, masks, weights, mask_id, prompt_mask=None):
     """l_j of K masks (K, B, L) of every response in one forward pass over K
@@ -143,7 +139,6 @@ def elbo_terms_at_once(model, prompts, responses, masks, weights, mask_id, promp
     terms = weights.reshape(K * B)[rows].to(logp.dtype) * (logp * mask).sum(-1)      # (R,)
     return terms.new_zeros(K * B).index_put((rows,), terms).view(K, B)
 
-
 def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=None,
                mc_batch=1):
     """elbo_term of each of the n_t masks, mc_batch masks to a forward pass:
@@ -151,7 +146,6 @@ def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=N
     check_shapes(prompts, responses, masks, weights)
     return torch.cat([elbo_terms_at_once(model, prompts, responses, m, w, mask_id, prompt_mask)
                       for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
-
 
 def check_shapes(prompts, responses, masks, weights, **more):
     """Shapes checked once, at the door; ValueError names the first that is wrong."""
@@ -165,7 +159,6 @@ def check_shapes(prompts, responses, masks, weights, **more):
     for name, x in dict(more, prompts=prompts, weights=weights).items():
         if x is not None and tuple(x.shape) != shapes[name]:
             raise ValueError(f"{name} must have shape {shapes[name]}, got {tuple(x.shape)}")
-
 
 def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm=False,
                         old=True, mc_batch=1):
@@ -181,7 +174,6 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
         old_terms = elbo_terms(policy.model, batch.prompts, batch.responses, masks, weights,
                                policy.mask_id, batch.prompt_mask, mc_batch)
     return masks, weights, old_terms
-
 
 def merge_repeats(masks, weights, old_terms=None):
     """Equal masks of a response give equal l_j, so the sum over n_t samples
@@ -224,7 +216,6 @@ def merge_repeats(masks, weights, old_terms=None):
 #    (e^{mean d}, or 1 + d_j / e^{d_j}) is clipped to [1 - eps, 1 + eps], with a
 #    dual clip at 3 A for A < 0.
 
-
 def clipped(ratio, advantages, clip=None, dual_clip=3.0):
     """ratio * A, or its PPO-clipped version when clip (= eps) is given."""
     if clip is None:
@@ -232,14 +223,12 @@ def clipped(ratio, advantages, clip=None, dual_clip=3.0):
     obj = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
     return torch.where(advantages < 0, torch.maximum(obj, dual_clip * advantages), obj)
 
-
 def naive_objective(terms, old_terms, advantages, clip=None, counts=None):
     """R = exp(mean_j d_j) * A for each response: Float (B,) from (n_t, B)
     terms; counts (n_t, B) weigh each sample in the mean (merge_repeats)."""
     d = terms - old_terms
     mean_d = d.mean(0) if counts is None else (counts * d).sum(0) / counts.sum(0)
     return clipped(torch.exp(mean_d), advantages, clip)
-
 
 def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None):
     """g_j for one MC sample j: Float (B,). Linear in the sample, so
@@ -250,7 +239,6 @@ def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None):
     # turn its zero gradient into inf * 0 = nan
     ratio = torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))
     return clipped(ratio, advantages, clip) / n_samples
-
 
 def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
                        counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
@@ -270,7 +258,6 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
         total += loss.item()
     return total
 
-
 def naive_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
                         counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
     """R = exp(mean_j d_j) A: all n_t graphs alive at once, one backward."""
@@ -280,7 +267,6 @@ def naive_loss_backward(model, prompts, responses, advantages, masks, weights, o
     loss = -naive_objective(terms, old_terms, advantages, clip, counts).mean()
     loss.backward()
     return loss.item()
-
 
 def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
                            counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
@@ -305,7 +291,6 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
         loss = -(coef * counts[s] * terms).mean(-1).sum() / n_t
         loss.backward()
     return -objective.mean().item()
-
 
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
@@ -339,7 +324,6 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
 # -----------------------------------------------------------------------------
 # 4. Rollout: G responses per prompt, their rewards and advantages
 
-
 @dataclass
 class Policy:
     """The model being trained and what it needs to talk about arithmetic."""
@@ -350,7 +334,6 @@ class Policy:
     response_length: int
     device: torch.device
     lora_base: str = None  # with LoRA adapters: the checkpoint they adapt (None: the toy)
-
 
 @dataclass
 class Rollout:
@@ -365,7 +348,6 @@ class Rollout:
         """The rollout of these responses only."""
         return Rollout(**{name: None if x is None else x[rows.to(x.device)]
                           for name, x in vars(self).items()})
-
 
 @torch.no_grad()
 def rollout(policy, problems, cfg, generator):
@@ -388,7 +370,6 @@ def rollout(policy, problems, cfg, generator):
 #    updates_per_batch updates through policy_loss_backward -> log. With one
 #    update the old policy is the current one (on-policy); with two, the
 #    second is off-policy. Lines marked "torchrun" share the work over ranks.
-
 
 def train(policy, cfg, out=None, resume_state=None):
     """The RL loop; returns the summary. Each step appends a record to
@@ -417,7 +398,6 @@ def train(policy, cfg, out=None, resume_state=None):
             save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng)
     bar.close()
     return finish(policy, cfg, state, out)
-
 
 def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     """Steps 3-5 on one rollout: masks (and old terms, off-policy), then
@@ -450,7 +430,6 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
             skipped += 1
     return (sum(losses) / len(losses) if losses else math.nan), skipped, peak
 
-
 def update(model, optimizer, loss, max_grad_norm=None):
     """Step 5: one optimizer step, the gradient's norm clipped to max_grad_norm
     if given; none (and False) if the loss or the gradient is not finite."""
@@ -464,7 +443,6 @@ def update(model, optimizer, loss, max_grad_norm=None):
         return False
     optimizer.step()
     return True
-
 
 def evaluate_policy(policy, cfg, n_failures=3):
     """Greedy exact-match accuracy on the test problems, and a few failures.
@@ -482,7 +460,6 @@ def evaluate_policy(policy, cfg, n_failures=3):
     if size == 1:
         return acc, failures
     return real_dllm.global_mean(acc * len(share)) * size / len(test), failures
-
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     """The loop's state: fresh (with the accuracy before RL), or as saved."""
@@ -503,7 +480,6 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
                     state["acc_before"])
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
-
 def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
     """One metrics record; a test evaluation every cfg.eval_every steps and at the end."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
@@ -518,7 +494,6 @@ def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
     bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{state['last_acc']:.2f}")
     state.update(step=step, seconds=time.time() - state["started"])
 
-
 def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
     """metrics.jsonl after every step; a checkpoint every cfg.save_every steps."""
     if real_dllm.world()[0] == 0:
@@ -529,7 +504,6 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
         save_checkpoint(out, policy, optimizer, dict(
             saved, data_rng=data_rng.get_state(), torch_rng=torch.get_rng_state(),
             sample_rng=real_dllm.all_ranks(sample_rng.get_state())))
-
 
 def finish(policy, cfg, state, out):
     """Print the accuracy before and after; write the summary and the model."""
@@ -552,7 +526,6 @@ def finish(policy, cfg, state, out):
                               json.dumps(summary, indent=1) + "\n")
     return summary
 
-
 def say(text):
     """print, on rank 0 only under torchrun."""
     if real_dllm.world()[0] == 0:
@@ -572,7 +545,6 @@ def save_model(policy, path, weights=None):
         settings["lora_base"] = policy.lora_base
     real_dllm.save_model(path, policy.model, policy.tokenizer, settings, weights)
 
-
 def save_checkpoint(out, policy, optimizer, state):
     """Model, tokenizer, optimizer, RNG states and step, then drop older ones."""
     weights, optimizer_state = real_dllm.full_state(policy.model, optimizer)  # torchrun: gathered
@@ -588,7 +560,6 @@ def save_checkpoint(out, policy, optimizer, state):
     for old in real_dllm.checkpoints(out)[:-1]:
         shutil.rmtree(old)
 
-
 # -----------------------------------------------------------------------------
 # 7. Measurements: memory, naive vs BGPO side by side, gradient quality, --explain
 #    memory:     what grows with n_t is what autograd saves for backward
@@ -597,7 +568,6 @@ def save_checkpoint(out, policy, optimizer, state):
 #                BGPO per K of --mc-batch, and merged, as trained.
 #    grad-stats: BGPO gradients of 8 mask draws per n_t against g*, the mean
 #                of 8 draws at n_t = 256 (the columns: docs/results.md).
-
 
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
                       merge=True):
@@ -609,10 +579,8 @@ def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=Non
         old_terms, policy.mask_id, method=method, clip=clip, prompt_mask=batch.prompt_mask,
         mc_batch=mc_batch, merge=merge), policy.model, policy.device)
 
-
 def flat_grad(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
 
 def fixed_batch(policy, cfg, both_signs=False, tries=100):
     """A seeded rollout of cfg.prompts train problems: the first ones, or with
@@ -630,14 +598,12 @@ def fixed_batch(policy, cfg, both_signs=False, tries=100):
     print(f"(no batch of the first {tries} had advantages of both signs: one lemma only)")
     return batch
 
-
 def perturb_weights(model, scale, seed):
     """Move every parameter by scale * its std * N(0, 1): an off-policy model."""
     noise_rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
-
 
 def compare(policy, cfg, sample_counts, repeats=2):
     """Rows of method x n_t measurements (see the banner); with cfg.perturb
@@ -675,14 +641,12 @@ def compare(policy, cfg, sample_counts, repeats=2):
     model.zero_grad(set_to_none=True)
     return rows
 
-
 def bgpo_gradient(policy, batch, masks, weights, old_terms):
     """The BGPO gradient on the given masks, as one flat vector."""
     measure_loss_call(policy, batch, masks, weights, old_terms, "bgpo")
     grad = flat_grad(policy.model)
     policy.model.zero_grad(set_to_none=True)
     return grad
-
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     """Rows of scheme x n_t: relative std, bias and error of the BGPO gradient.
@@ -721,7 +685,6 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
                              rel_error=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
     return rows
 
-
 def explain(policy, cfg):
     """--explain: one BGPO step on a small batch, every number printed in the
     order of the algorithm, then the claims checked on it; no optimizer step."""
@@ -759,7 +722,6 @@ def explain(policy, cfg):
     print("5. one optimizer step would follow; --explain leaves the weights as they are\n")
     explain_checks(policy, cfg, batch, masks, weights, old_terms)
 
-
 def explain_checks(policy, cfg, batch, masks, weights, old_terms):
     """--explain's claims on its batch: equal gradients on-policy, R_lb <= R
     off-policy, and each method's activation memory."""
@@ -790,7 +752,6 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
         print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)
 
-
 def show_tokens(policy, prompt, response, mask=None):
     """'37+48=' + '0_5': the prompt, then the response with '_' where masked."""
     tokenizer, end = policy.tokenizer, toy_dllm.end_token_id(policy.tokenizer)
@@ -799,7 +760,6 @@ def show_tokens(policy, prompt, response, mask=None):
         masked = mask is not None and bool(mask[i])
         text += "_" if masked else "." if t == end else tokenizer.decode([t]).strip()
     return text
-
 
 def format_table(rows):
     """Rows of dicts -> an aligned text table, with the units of the columns."""
@@ -837,7 +797,6 @@ def flag(default, help, **keywords):
     """A Config field and its flag: help, and for argparse low / high (bounds),
     above (an open bound), choices, metavar, list=True (--samples 1,4,16)."""
     return dataclasses.field(default=default, metadata=dict(keywords, help=help))
-
 
 @dataclass(frozen=True)
 class Config:
@@ -892,12 +851,10 @@ class Config:
     gradient_checkpointing: bool = flag(False, "recompute layers' activations in backward")
     activation_budget: float = flag(None, "stop if a loss call needs more activation MB", above=0)
 
-
 MODES = ("compare", "grad_stats", "explain")  # at most one; none: train
 RESUMABLE = ("steps", "device", "save_every", "trust_remote_code", "mc_batch", "mc_batches")
 EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's batch, unless given
 NOT_TYPED = object()  # parse_args: the value of a flag that was not typed
-
 
 class Parser(argparse.ArgumentParser):
     """argparse, with errors on one line: 'bgpo.py: error: ...', exit status 2.
@@ -906,7 +863,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0"
                   else None)
-
 
 def number(kind, low=None, high=None, above=None):
     """An argparse type: a number of this kind, >= low (or > above), <= high."""
@@ -923,7 +879,6 @@ def number(kind, low=None, high=None, above=None):
         return value
     return parse
 
-
 class FirstAndList(argparse.Action):
     """--samples 16 or --samples 1,4,16: n_t (the first) and the whole list
     (sample_counts); the same for --mc-batch (mc_batch, mc_batches)."""
@@ -932,7 +887,6 @@ class FirstAndList(argparse.Action):
         setattr(namespace, self.dest, values[0])
         setattr(namespace, {"samples": "sample_counts", "mc_batch": "mc_batches"}[self.dest],
                 tuple(values))
-
 
 def build_parser():
     """A flag for each Config field that has one, with its help and default."""
@@ -954,7 +908,6 @@ def build_parser():
                                                        **keywords)
     p.set_defaults(**dataclasses.asdict(Config()))
     return p
-
 
 def parse_args(parser, argv):
     """(Config, checkpoint to resume or None): the flags, over --explain's
@@ -979,7 +932,6 @@ def parse_args(parser, argv):
     check_flags(cfg)
     return cfg, checkpoint
 
-
 def read_run(out, given):
     """run.json's settings and the latest checkpoint of the run saved in out."""
     found = real_dllm.checkpoints(out)
@@ -999,7 +951,6 @@ def read_run(out, given):
                          "add --trust-remote-code to allow it to run")
     known = {f.name for f in dataclasses.fields(Config)}
     return {name: v for name, v in run.items() if name in known}, found[-1]
-
 
 def check_flags(cfg):
     """Flags that are each fine but do not go together."""
@@ -1023,7 +974,6 @@ def check_flags(cfg):
         raise ValueError(f"--prompts {cfg.prompts} must divide into {size} processes "
                          f"x {cfg.updates_per_batch} updates per batch")
 
-
 @contextlib.contextmanager
 def blame(source):
     """A ValueError raised inside is said as 'source: message'."""
@@ -1031,7 +981,6 @@ def blame(source):
         yield
     except ValueError as e:
         raise ValueError(f"{source}: {real_dllm.first_line(e)}") from e
-
 
 def load_policy(cfg, device, checkpoint=None):
     """The toy warm start, or the model of --model (or --resume), checked
@@ -1080,7 +1029,6 @@ def load_policy(cfg, device, checkpoint=None):
             real_dllm.set_checkpointing(model, False)
     return Policy(model, tokenizer, task, mask_id, length, device, lora_base)
 
-
 def load_model(cfg, path, saved):
     """(model, tokenizer): the toy warm start (path None), or the checkpoint
     at path; a LoRA checkpoint's adapters on its base (bgpo.json's lora_base)."""
@@ -1094,7 +1042,6 @@ def load_model(cfg, path, saved):
         return real_dllm.load_lora(model, path), tokenizer
     shifted = {"yes": True, "no": False}.get(cfg.shifted_logits, saved.get("shifted_logits", "auto"))
     return load_checkpoint(path, cfg.trust_remote_code, shifted)
-
 
 def check_activation_budget(policy, cfg):
     """--activation-budget: one loss call of the run's method, n_t and K, on a
@@ -1121,7 +1068,6 @@ def check_activation_budget(policy, cfg):
                      f"{cfg.samples}{with_k} needs {need[cfg.samples]:.1f} MB of activations; "
                      + (f"the largest n_t that fits is {most}" if most else "not even n_t = 1 fits"))
 
-
 def prepare_out(cfg, policy, resuming):
     """--out: a directory holding no other run; run.json written there (rank 0)."""
     if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
@@ -1135,7 +1081,6 @@ def prepare_out(cfg, policy, resuming):
                                   json.dumps(run, indent=1) + "\n")
     except OSError as e:
         raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror or e})") from e
-
 
 def main(argv=None):
     parser = build_parser()
@@ -1176,7 +1121,6 @@ def main(argv=None):
     if joined:
         real_dllm.stop()
     return 0
-
 
 if __name__ == "__main__":
     try:

@@ -35,7 +35,6 @@ SHIFTED_MODEL_TYPES = ("dream",)  # adapted from autoregressive LMs: token i is 
 # -----------------------------------------------------------------------------
 # 1. The adapter: ids and a 2-D padding mask in, aligned logits out
 
-
 class MaskedLM(torch.nn.Module):
     """A masked LM that reads padding or positions its own way, presented as
     the project reads one (toy_dllm.forward_logits): input_ids (B, T), and
@@ -79,7 +78,6 @@ class MaskedLM(torch.nn.Module):
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return types.SimpleNamespace(logits=logits)
 
-
 def adapt(model, shifted=False):
     """model itself where it reads like a plain masked LM, else model wrapped
     in a MaskedLM that makes it read like one."""
@@ -87,7 +85,6 @@ def adapt(model, shifted=False):
     wrapped = MaskedLM(model, shifted, padding)
     plain = padding == "2d" and wrapped.takes_positions and not shifted
     return model if plain else wrapped
-
 
 @torch.no_grad()
 def padding_form(model):
@@ -107,26 +104,21 @@ def padding_form(model):
             return form
     return "none"
 
-
 def hides_padding(model):
     """False for a model that reads left padding as tokens (padding "none")."""
     return not isinstance(model, MaskedLM) or model.padding != "none"
 
-
 def reads_shifted(model):
     return isinstance(model, MaskedLM) and model.shifted
-
 
 def unwrap(model):
     """The transformers (or peft) model inside the adapter: what saves, shards
     and takes adapters."""
     return model.model if isinstance(model, MaskedLM) else model
 
-
 def rewrap(model, inner):
     """inner in the place of unwrap(model), with the same adapter around it."""
     return MaskedLM(inner, model.shifted, model.padding) if isinstance(model, MaskedLM) else inner
-
 
 def base_model(model):
     """The transformers model under the adapter and any LoRA adapters."""
@@ -135,7 +127,6 @@ def base_model(model):
 
 # -----------------------------------------------------------------------------
 # 2. Loading and saving a checkpoint
-
 
 def load_checkpoint(path, trust_remote_code=False, shifted="auto"):
     """(model, tokenizer) from a directory or hub name, adapted (adapt) so that
@@ -174,9 +165,7 @@ def load_checkpoint(path, trust_remote_code=False, shifted="auto"):
         shifted = str(getattr(config, "model_type", "")).lower() in SHIFTED_MODEL_TYPES
     return adapt(model.eval(), shifted), tokenizer
 
-
 SETTINGS = "bgpo.json"  # beside a saved model: what using it again needs (mask id, ...)
-
 
 def save_model(path, model, tokenizer, settings, weights=None):
     """save_pretrained of the model inside the adapter (with LoRA: the adapters
@@ -191,10 +180,8 @@ def save_model(path, model, tokenizer, settings, weights=None):
     with open(os.path.join(path, SETTINGS), "w") as f:
         f.write(json.dumps(settings, indent=1) + "\n")
 
-
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
 
 def saved_settings(path):
     """The settings saved beside a model (SETTINGS), or {}."""
@@ -205,7 +192,6 @@ def saved_settings(path):
         return {}
     return saved if isinstance(saved, dict) else {}
 
-
 def checkpoints(out):
     """A run's checkpoint directories, out/checkpoint-STEP, oldest first."""
     if not os.path.isdir(out):
@@ -213,7 +199,6 @@ def checkpoints(out):
     steps = [n.split("-", 1)[1] for n in os.listdir(out) if n.startswith("checkpoint-")]
     return [os.path.join(out, f"checkpoint-{s}") for s in sorted(
         (s for s in steps if s.isdigit()), key=int)]
-
 
 def load_trainer_state(checkpoint, device):
     """The trainer state saved in a checkpoint (trainer_state.pt), on the kind
@@ -238,10 +223,8 @@ def load_trainer_state(checkpoint, device):
 #    What grows with n_t is what autograd saves for backward (activations):
 #    SavedTensorMeter counts each saved storage once while it is held.
 
-
 def has_lora(model):
     return hasattr(unwrap(model), "peft_config")
-
 
 def add_lora(model, rank, alpha=None, targets=None, seed=0):
     """peft LoRA adapters of this rank on every target module; only they train.
@@ -267,7 +250,6 @@ def add_lora(model, rank, alpha=None, targets=None, seed=0):
     except ValueError as e:  # "Target modules ... not found in the base model"
         raise ValueError(first_line(e)) from e
 
-
 def load_lora(model, path):
     """The LoRA adapters saved in path, on model (their base), trainable."""
     import peft
@@ -275,7 +257,6 @@ def load_lora(model, path):
         return rewrap(model, peft.PeftModel.from_pretrained(unwrap(model), path, is_trainable=True))
     except Exception as e:  # a damaged or foreign adapter: many kinds
         raise ValueError(f"cannot load its LoRA adapters ({first_line(e)})") from e
-
 
 def set_checkpointing(model, on):
     """transformers' activation checkpointing on or off: each layer keeps only
@@ -289,7 +270,6 @@ def set_checkpointing(model, on):
         raise ValueError(first_line(e)) from e
     eval_mode(model)
 
-
 def eval_mode(model):
     """model.eval(): no dropout, so old and new policy are the same network.
     transformers checkpoints a layer only in training mode, so layers set to
@@ -299,7 +279,6 @@ def eval_mode(model):
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", None) is True:
             module.training = True
-
 
 class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: peak bytes autograd holds for backward inside it, each
@@ -341,11 +320,9 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
             del self.holders[key]
             self.current_bytes -= nbytes
 
-
 def activation_meter(model):
     """A SavedTensorMeter that leaves out the model's parameters and buffers."""
     return SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
-
 
 def measure(fn, model, device):
     """Run fn() once: (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
@@ -373,17 +350,14 @@ def measure(fn, model, device):
 #    is the single-process gradient on the same global batch. Every forward
 #    and backward is collective: all ranks must make the same number of them.
 
-
 def world():
     """(rank, world size); (0, 1) in a single process."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
 def launched_by_torchrun():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
 
 def start(name="auto"):
     """The device to run on: "cpu", "cuda" or "auto" (CUDA if there is one);
@@ -403,10 +377,8 @@ def start(name="auto"):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, True
 
-
 def stop():
     dist.destroy_process_group()
-
 
 def shard(model):
     """FSDP2: each block of the model's longest layer list, then the model
@@ -419,13 +391,11 @@ def shard(model):
     fully_shard(inner)
     return model
 
-
 def rank_generator(generator):
     """A generator of this rank's own, seeded from `generator`, which every
     rank advances alike: draws that differ between ranks, from a shared state."""
     seed = int(torch.randint(2**62, (1,), generator=generator))
     return torch.Generator(generator.device).manual_seed(seed + world()[0])
-
 
 def global_mean(value):
     """The mean over ranks of a number each rank has (itself in one process)."""
@@ -435,7 +405,6 @@ def global_mean(value):
     dist.all_reduce(t)
     return t.item() / world()[1]
 
-
 def all_ranks(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if world()[1] == 1:
@@ -443,7 +412,6 @@ def all_ranks(obj):
     gathered = [None] * world()[1]
     dist.all_gather_object(gathered, obj)
     return gathered
-
 
 def full_state(model, optimizer=None):
     """(weights, optimizer state) to save. In one process: None (the model's
@@ -458,7 +426,6 @@ def full_state(model, optimizer=None):
     return weights, optimizer and get_optimizer_state_dict(unwrap(model), optimizer,
                                                           options=options)
 
-
 def load_optimizer_state(model, optimizer, state):
     """The inverse of full_state's optimizer state."""
     if world()[1] == 1:
@@ -466,7 +433,6 @@ def load_optimizer_state(model, optimizer, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
-
 
 def peak_memory_per_rank():
     """Each rank's peak resident memory in bytes (Linux reports kilobytes)."""
@@ -479,7 +445,6 @@ def peak_memory_per_rank():
 #    loaded code needs it, checked on the code itself, and names the change in
 #    transformers that made it necessary. Nothing here edits files: the classes
 #    are adjusted in memory, for this process, after transformers imported them.
-
 
 def adapt_shipped_code(config, path):
     """Import the model classes the config's auto_map names (as from_pretrained
@@ -498,7 +463,6 @@ def adapt_shipped_code(config, path):
                 if name.startswith(package):
                     adapt_module(module)
 
-
 def adapt_module(module):
     from transformers import GenerationConfig, PreTrainedModel
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -516,7 +480,6 @@ def adapt_module(module):
                 call_post_init(cls)
                 tied_keys_as_mapping(cls)
 
-
 def accept_new_keywords(cls, method):
     """Let cls.method(self, ...) written for 4.x be called with the keywords
     5.x passes: those it does not take are dropped."""
@@ -533,7 +496,6 @@ def accept_new_keywords(cls, method):
     adapted.adapted = True
     setattr(cls, method, adapted)
 
-
 def call_post_init(cls):
     """5.x's from_pretrained reads what post_init() sets (all_tied_weights_keys);
     4.x code could skip calling it. Call it after an __init__ that did not."""
@@ -549,7 +511,6 @@ def call_post_init(cls):
     __init__.adapted = True
     cls.__init__ = __init__
 
-
 def tied_keys_as_mapping(cls):
     """5.x reads _tied_weights_keys as {tied parameter: its source}; 4.x code
     lists the tied parameters, which were tied to the input embeddings."""
@@ -563,7 +524,6 @@ def tied_keys_as_mapping(cls):
         return {key: f"{source[0]}.weight" for key in keys} if source else {}
     cls._tied_weights_keys = property(mapping)
 
-
 def default_rope_parameters(config, device=None, seq_len=None, **kwargs):
     """Rotary inverse frequencies 1 / theta^(2i/d), as 4.x's "default" entry
     computed them: (inv_freq, attention scaling 1.0)."""
@@ -573,7 +533,6 @@ def default_rope_parameters(config, device=None, seq_len=None, **kwargs):
     base = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
     return 1.0 / (base ** exponent), 1.0
-
 
 def finish_shipped_model(model):
     """After loading: no buffer that 5.x left uninitialised reaches training,
@@ -602,7 +561,6 @@ def finish_shipped_model(model):
         if auto:
             cls.register_for_auto_class(auto[0])
 
-
 def uninitialised_buffers(model):
     """Non-persistent float buffers holding what uninitialised memory would:
     non-finite values, or rotary inverse frequencies that are not decreasing
@@ -620,5 +578,3 @@ def uninitialised_buffers(model):
             if not fine:
                 bad.append(f"{module_name}.{name}" if module_name else name)
     return bad
-
-

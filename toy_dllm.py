@@ -67,7 +67,6 @@ WARM_START = dict(
 #    prompt "a+b=", answer "a+b" zero-padded to n_digits + 1 digits.
 #    reward(y) = 1.0 if the decoded answer equals the true one, else 0.0
 
-
 @dataclass
 class ArithmeticTask:
     """Addition problems as operand pairs; train and test are disjoint."""
@@ -87,7 +86,6 @@ class ArithmeticTask:
     def answers(self, problems):
         """[(37, 48)] -> ["085"]"""
         return [f"{a + b:0{self.n_digits + 1}d}" for a, b in problems.tolist()]
-
 
 def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
     """Disjoint train and test problems: a seeded permutation of every pair
@@ -114,7 +112,6 @@ def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
     pairs = torch.stack([ids // 10**n_digits, ids % 10**n_digits], dim=1)  # (n, 2)
     return ArithmeticTask(n_digits, train=pairs[n_test:], test=pairs[:n_test])
 
-
 def decode_responses(tokenizer, responses):
     """Token ids (B, L) -> answer strings: the tokens before the first end
     token (what follows it is not read, as LLaDA's decoding does), special
@@ -123,7 +120,6 @@ def decode_responses(tokenizer, responses):
     rows = [row[:row.index(end)] if end in row else row for row in responses.tolist()]
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     return ["".join(t.split()) for t in texts]
-
 
 def exact_match_reward(task, tokenizer, problems, responses):
     """Float (B,): 1.0 where the decoded response equals the true answer, else
@@ -137,7 +133,6 @@ def exact_match_reward(task, tokenizer, problems, responses):
 # 2. The vocabulary: one token per character, plus [PAD] and [MASK]
 #    [PAD] doubles as the end token that pads a response to its fixed length.
 
-
 def build_tokenizer():
     """A character-level transformers tokenizer: 0-9 + = [PAD] [MASK]."""
     tokens = list("0123456789+=") + ["[PAD]", "[MASK]"]
@@ -147,14 +142,12 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
                                    eos_token="[PAD]", mask_token="[MASK]")
 
-
 def end_token_id(tokenizer):
     """The token that pads a response after its answer."""
     for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id):
         if tid is not None:
             return tid
     raise ValueError("the tokenizer names no end, separator or padding token")
-
 
 def encode_padded_prompts(tokenizer, texts, device=None):
     """Prompt strings -> (Long (B, Lp) ids, left-padded with the end token so
@@ -167,11 +160,9 @@ def encode_padded_prompts(tokenizer, texts, device=None):
     real = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in ids])
     return padded.to(device), (None if real.all() else real.to(device))
 
-
 def encode_prompts(tokenizer, texts):
     """Prompt strings -> Long (B, Lp), left-padded with the end token."""
     return encode_padded_prompts(tokenizer, texts)[0]
-
 
 def encode_responses(tokenizer, texts, length):
     """Answer strings -> Long (B, length), right-padded with the end token."""
@@ -184,7 +175,6 @@ def encode_responses(tokenizer, texts, length):
 
 # -----------------------------------------------------------------------------
 # 3. The network: a stock bidirectional masked LM with a tiny config
-
 
 def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
                 num_heads=4, intermediate_size=256):
@@ -202,7 +192,6 @@ def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
     torch.manual_seed(seed)
     return BertForMaskedLM(config)
 
-
 def forward_logits(model, input_ids, attention_mask=None):
     """model(input_ids).logits, (B, T, V): position i predicts token i.
 
@@ -219,7 +208,6 @@ def forward_logits(model, input_ids, attention_mask=None):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
         return model(input_ids=input_ids, **padding).logits                 # (B, T, V)
 
-
 def with_response(prompt_mask, length):
     """Bool (B, Lp) prompt mask -> Bool (B, Lp + length): responses are never padding."""
     if prompt_mask is None:
@@ -231,7 +219,6 @@ def with_response(prompt_mask, length):
 #    q(y_t | y): each response token becomes [MASK] independently with prob. t
 #    loss = -E_t E_{y_t} (1/t) sum_i 1[y_t^i = M] log p(y^i | y_t, x) / L
 
-
 def forward_mask(responses, t, generator=None):
     """Bool (B, L), True where the forward process at noise level t (Float
     (B,)) masks a response token; only responses' shape is used. The prompt
@@ -239,7 +226,6 @@ def forward_mask(responses, t, generator=None):
     u = torch.rand(responses.shape, generator=generator,
                    device=generator.device if generator is not None else responses.device)
     return u.to(responses.device) < t[:, None]
-
 
 def token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask=None):
     """log p_theta(y^i | y_t, x) at every response position: Float (B, L), in
@@ -252,7 +238,6 @@ def token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask=None):
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log_softmax over a large vocabulary needs it
     return logits.log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1)
-
 
 def diffusion_loss(model, prompts, responses, t, mask, mask_id):
     """Minus the ELBO per response token, a scalar: mean_b -(1/L) (1/t_b) sum_i
@@ -268,12 +253,10 @@ def diffusion_loss(model, prompts, responses, t, mask, mask_id):
 #    of the block and commits the k most confident predictions, with k from a
 #    linear schedule that fills the block on its last step.
 
-
 def transfer_schedule(block_length, steps):
     """How many tokens to commit at each step of a block: 5 over 3 -> [2, 2, 1]."""
     base, extra = divmod(block_length, steps)
     return [base + (1 if s < extra else 0) for s in range(steps)]
-
 
 def sampler_blocks(length, block_length=None, steps=None):
     """(block length, number of blocks, steps per block) of a response of
@@ -289,7 +272,6 @@ def sampler_blocks(length, block_length=None, steps=None):
     if steps <= 0 or steps % n_blocks:
         raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
     return block_length, n_blocks, steps // n_blocks
-
 
 @torch.no_grad()
 def generate(model, prompts, mask_id, length, block_length=None, steps=None,
@@ -348,7 +330,6 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
 # -----------------------------------------------------------------------------
 # 6. Evaluation: greedy exact-match accuracy, with a few failures shown
 
-
 def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
              batch_size=1000, n_failures=0, **sampler_kwargs):
     """Greedy test accuracy, and up to n_failures concrete mistakes.
@@ -378,15 +359,12 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
 #    held-out *train* problems right (the test set is never looked at): good
 #    enough to earn rewards, poor enough for RL to have something to improve.
 
-
 def cache_dir():
     return os.environ.get("BGPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bgpo")
-
 
 def warm_start_path(settings):
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(cache_dir(), f"warm-start-{key}")
-
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
              target_accuracy=None, eval_every=10, n_val=500, length=None):
@@ -416,7 +394,6 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
                 break
     model.eval()
     return step
-
 
 def warm_start(verbose=True, **overrides):
     """(model, tokenizer, task, settings) of the warm start of these settings
@@ -460,10 +437,8 @@ def warm_start(verbose=True, **overrides):
         print(f"warm start: {steps} steps in {time.time() - t0:.1f}s, cached at {path}")
     return model, tokenizer, task, settings
 
-
 # -----------------------------------------------------------------------------
 # 8. Saving without half-written files (bgpo.py uses these too)
-
 
 def write_atomic(path, text):
     """Write a file so that it is either the old one or the new one, never half."""
@@ -471,7 +446,6 @@ def write_atomic(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
 
 def save_dir_atomic(path, save, replace=True):
     """save(tmp_dir), then rename tmp_dir to path: path is never half-written.
@@ -491,7 +465,6 @@ def save_dir_atomic(path, save, replace=True):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 if __name__ == "__main__":
     model, tokenizer, task, _ = warm_start()
