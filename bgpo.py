@@ -1,10 +1,9 @@
 """BGPO: Boundary-Guided Policy Optimization for diffusion LMs, in one file.
 
-RL needs log pi(y|x); a masked-diffusion LM only gives a lower bound, the
-ELBO, as an average over n_t Monte-Carlo samples of masked copies of y. The
-ELBO-ratio objective is non-linear in those samples, so all n_t forward
-graphs are kept until backward: memory grows with n_t. BGPO's lower bound is
-*linear* in the samples, so each is backwarded and freed on its own.
+RL needs log pi(y|x); a masked-diffusion LM gives a lower bound, the ELBO,
+estimated from n_t masked copies of y. The ELBO-ratio objective is not
+linear in those samples, so all n_t graphs are kept until backward. BGPO's
+lower bound is linear in them: each is backwarded and freed on its own.
 
 One RL step, in the paper's symbols (arXiv 2510.11683):
 
@@ -19,9 +18,8 @@ One RL step, in the paper's symbols (arXiv 2510.11683):
        L_j = -(1/B) sum_i g_ij ; L_j.backward() ; free sample j's graph
   5. one optimizer step
 
-The naive objective is exp(mean_j d_j) * A, which needs every sample's graph
-at once. Sum_j g_j <= exp(mean_j d_j) * A always, with equality in value and
-gradient on-policy (every d_j = 0).
+The naive objective exp(mean_j d_j) * A needs every sample's graph at once;
+sum_j g_j is below it, equal in value and gradient on-policy (all d_j = 0).
 
 Read in this order: group_advantages, sample_masks, elbo_term,
 bgpo_sample_objective, bgpo_loss_backward, rollout, train, rl_step.
@@ -75,12 +73,10 @@ def group_advantages(rewards, group_size):
 #    B_hat  = (1/n_t) sum_j l_j
 #    "stratified": mask exactly l_j of the L tokens, w_j = L / l_j, with counts
 #                  l_j = ((k - 1 + floor((j-1) L/n_t)) mod L) + 1, k ~ U{1..L}
-#                  (one offset k per response): each l_j alone is uniform on
-#                  1..L, and together they spread evenly (n_t = L: each once).
-#                  The official code's round() is biased at ties (README).
-#    "uniform_t":  t ~ U(0,1), each token masked with prob. t (the forward
-#                  process), w = E[1/t | l of L masked] = (L+1)/l: the
-#                  paper's 1/t averaged given the mask, of finite variance.
+#                  per response: each l_j is uniform on 1..L, and together
+#                  they spread evenly (round(), as official, is biased: README)
+#    "uniform_t":  t ~ U(0,1), each token masked with prob. t; w = (L+1)/l,
+#                  the paper's 1/t averaged given the mask (finite variance)
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     """n_t = n_samples masks of each response (B, L) (only its shape is used)
@@ -102,8 +98,7 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     dev = generator.device if generator is not None else responses.device
     if scheme == "stratified":
         k = torch.randint(1, L + 1, (B,), generator=generator, device=dev)       # (B,)
-        # floor((j-1) L / n_t) in integers: k - 1 + offset is a uniform draw
-        # shifted by a constant, so each count on its own is uniform on 1..L
+        # floor((j-1) L / n_t): count - 1 is k - 1 shifted by a constant, mod L
         offsets = torch.arange(n_samples, device=dev)[:, None] * L // n_samples  # (n, 1)
         counts = (k - 1 + offsets) % L + 1                                        # (n, B) in 1..L
         # mask the `count` positions with the smallest random keys: a uniform subset
@@ -176,11 +171,10 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
     return masks, weights, old_terms
 
 def merge_repeats(masks, weights, old_terms=None):
-    """Equal masks of a response give equal l_j, so the sum over n_t samples
-    may run over the distinct ones, each times its count (3 tokens have 7
-    masks). Returns masks, weights, old_terms and counts with n' <= n_t
-    slots; a response with fewer distinct masks has empty slots: count,
-    weight and old term 0.
+    """Equal masks give equal l_j: the sum over n_t samples may run over the
+    distinct masks of each response times their counts (3 tokens have 7).
+    Returns masks, weights, old_terms and counts with n' <= n_t slots; an
+    empty slot has count, weight and old term 0.
 
     >>> masks = torch.tensor([[[1, 0]], [[0, 1]], [[1, 0]]]).bool()  # (n_t, B, L) = (3, 1, 2)
     >>> masks, weights, _, counts = merge_repeats(masks, torch.full((3, 1), 2.0))
@@ -212,9 +206,8 @@ def merge_repeats(masks, weights, old_terms=None):
 #    BGPO:   R_lb = sum_j g_j,  g_j = A (1 + d_j) / n_t   if A >= 0  (e^x >= 1 + x)
 #                               g_j = A e^{d_j} / n_t     if A <  0  (Jensen)
 #    loss L = -(1/B) sum_i R_i; with R_lb it splits into L = sum_j L_j.
-#    Optional PPO clipping (the official code, not the paper): the ratio
-#    (e^{mean d}, or 1 + d_j / e^{d_j}) is clipped to [1 - eps, 1 + eps], with a
-#    dual clip at 3 A for A < 0.
+#    --clip (the official code, not the paper): the ratio e^{mean d}, or
+#    1 + d_j / e^{d_j}, clipped to [1 - eps, 1 + eps]; dual clip 3 A if A < 0.
 
 def clipped(ratio, advantages, clip=None, dual_clip=3.0):
     """ratio * A, or its PPO-clipped version when clip (= eps) is given."""
@@ -295,15 +288,14 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
                          mc_batch=1, merge=True):
-    """Backward L = -(1/B) sum_i R_i into the model's .grad (accumulating);
-    returns L's value. prompts (B, Lp), responses (B, L), advantages (B,);
-    masks (n_t, B, L), weights (n_t, B) (sample_masks); old_terms (n_t, B),
-    or None on-policy (each l_j's own value, detached: no extra passes).
-    method: "bgpo", "naive" (all n_t graphs at once) or "two_pass" (the naive
-    gradient at constant memory); clip: PPO epsilon or None (the paper);
-    prompt_mask (B, Lp), False at left padding; mc_batch: samples per forward
-    pass; merge: repeated masks once (merge_repeats). mc_batch and merge
-    change the gradient only by float rounding."""
+    """Backward L = -(1/B) sum_i R_i into .grad (accumulating); returns L.
+    prompts (B, Lp), responses (B, L), advantages (B,); masks (n_t, B, L) and
+    weights (n_t, B) from sample_masks; old_terms (n_t, B), or None on-policy
+    (each l_j's own value, detached). method: "bgpo", "naive" or "two_pass"
+    (the naive gradient at constant memory); clip: PPO eps or None; mc_batch:
+    samples per forward pass; merge: each distinct mask once. mc_batch and
+    merge change the gradient only by float rounding."""
+
     check_shapes(prompts, responses, masks, weights, advantages=advantages, old_terms=old_terms,
                  prompt_mask=prompt_mask)
     if method not in METHODS:
@@ -365,16 +357,12 @@ def rollout(policy, problems, cfg, generator):
                    group_advantages(rewards, cfg.group).to(policy.device), prompt_mask)
 
 # -----------------------------------------------------------------------------
-# 5. The GRPO-style loop
-#    each step: rollout -> advantages -> masks (+ old terms if off-policy) ->
-#    updates_per_batch updates through policy_loss_backward -> log. With one
-#    update the old policy is the current one (on-policy); with two, the
-#    second is off-policy. Lines marked "torchrun" share the work over ranks.
+# 5. The GRPO-style loop: rollout -> advantages -> masks (+ old terms) ->
+#    updates -> log. One update per rollout is on-policy; with two, the second
+#    is off-policy. Lines marked "torchrun" share the work over ranks.
 
 def train(policy, cfg, out=None, resume_state=None):
-    """The RL loop; returns the summary. Each step appends a record to
-    out/metrics.jsonl; a checkpoint every cfg.save_every steps; resume_state
-    (real_dllm.load_trainer_state) continues a run exactly."""
+    """The RL loop, fresh or resumed exactly from resume_state; returns the summary."""
     rank, size = real_dllm.world()                                    # torchrun; (0, 1) if not
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)               # prompts and masks
@@ -400,10 +388,9 @@ def train(policy, cfg, out=None, resume_state=None):
     return finish(policy, cfg, state, out)
 
 def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
-    """Steps 3-5 on one rollout: masks (and old terms, off-policy), then
-    cfg.updates_per_batch updates, each on a mini-batch of whole groups.
-    Returns (mean loss of the updates taken, updates skipped as not finite,
-    peak activation bytes of the loss calls, 0 unless measure_memory)."""
+    """Steps 3-5: masks (and old terms, off-policy), then one update per
+    mini-batch of whole groups. Returns (mean loss, updates skipped, peak
+    activation bytes if measure_memory, else 0)."""
     one_process = real_dllm.world()[1] == 1
     # torchrun: masks of this rank's own, from the state all ranks share; no merging, which
     # would give the ranks different numbers of (collective) forward passes
@@ -431,8 +418,7 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     return (sum(losses) / len(losses) if losses else math.nan), skipped, peak
 
 def update(model, optimizer, loss, max_grad_norm=None):
-    """Step 5: one optimizer step, the gradient's norm clipped to max_grad_norm
-    if given; none (and False) if the loss or the gradient is not finite."""
+    """Step 5, the gradient's norm clipped to max_grad_norm; skipped (False) if not finite."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # torchrun: a sharded (distributed) tensor
         grad_norm = grad_norm.full_tensor()
@@ -445,9 +431,8 @@ def update(model, optimizer, loss, max_grad_norm=None):
     return True
 
 def evaluate_policy(policy, cfg, n_failures=3):
-    """Greedy exact-match accuracy on the test problems, and a few failures.
-    torchrun: each rank takes every W-th problem, in as many batches as the
-    others (forward passes are collective), and the counts add up."""
+    """Greedy test accuracy and a few failures. torchrun: each rank takes
+    every W-th problem, in as many batches as the others, and counts add up."""
     rank, size = real_dllm.world()
     test = policy.task.test
     share = test[rank::size]
@@ -481,7 +466,7 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
 def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
-    """One metrics record; a test evaluation every cfg.eval_every steps and at the end."""
+    """One metrics record, with the test accuracy every cfg.eval_every steps."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
     record = dict(step=step, reward_mean=real_dllm.global_mean(batch.rewards.mean().item()),
@@ -506,7 +491,7 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
             sample_rng=real_dllm.all_ranks(sample_rng.get_state())))
 
 def finish(policy, cfg, state, out):
-    """Print the accuracy before and after; write the summary and the model."""
+    """Say the accuracy before and after; write the summary and the model."""
     acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg)
     seconds = time.time() - state["started"]
     say("\n".join(failures + [f"greedy test accuracy: {state['acc_before']:.1%} before RL -> "
@@ -532,13 +517,11 @@ def say(text):
         print(text)
 
 # -----------------------------------------------------------------------------
-# 6. Checkpoints: out/checkpoint-STEP holds the model (save_pretrained), the
-#    tokenizer, bgpo.json (response length, mask id) and trainer_state.pt
-#    (step, metrics, optimizer, RNG states); only the latest is kept.
+# 6. Checkpoints: out/checkpoint-STEP holds the model, its tokenizer and
+#    settings, and trainer_state.pt (step, metrics, optimizer, RNG states).
 
 def save_model(policy, path, weights=None):
-    """The model, its tokenizer and what --model needs to use it again (mask
-    id, response length, ...). weights: a sharded model's (full_state)."""
+    """The model, tokenizer and what --model needs to use them; weights: if sharded."""
     settings = dict(response_length=policy.response_length, mask_id=policy.mask_id,
                     shifted_logits=real_dllm.reads_shifted(policy.model))
     if real_dllm.has_lora(policy.model):  # peft saves the adapters only
@@ -546,7 +529,7 @@ def save_model(policy, path, weights=None):
     real_dllm.save_model(path, policy.model, policy.tokenizer, settings, weights)
 
 def save_checkpoint(out, policy, optimizer, state):
-    """Model, tokenizer, optimizer, RNG states and step, then drop older ones."""
+    """out/checkpoint-STEP, atomically; older ones are removed."""
     weights, optimizer_state = real_dllm.full_state(policy.model, optimizer)  # torchrun: gathered
     if real_dllm.world()[0] != 0:
         return
@@ -571,8 +554,7 @@ def save_checkpoint(out, policy, optimizer, state):
 
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
                       merge=True):
-    """real_dllm.measure() of one policy_loss_backward call on a Rollout, from zero
-    gradients; the gradient stays in the model's .grad."""
+    """real_dllm.measure() of one policy_loss_backward on a Rollout, from zero gradients."""
     policy.model.zero_grad(set_to_none=True)
     return real_dllm.measure(lambda: policy_loss_backward(
         policy.model, batch.prompts, batch.responses, batch.advantages, masks, weights,
@@ -583,8 +565,8 @@ def flat_grad(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 def fixed_batch(policy, cfg, both_signs=False, tries=100):
-    """A seeded rollout of cfg.prompts train problems: the first ones, or with
-    both_signs the first random draw with advantages of both signs (--explain)."""
+    """A seeded rollout of the first cfg.prompts train problems, or with
+    both_signs of random ones, drawn until both signs of A appear."""
     data_rng = torch.Generator().manual_seed(cfg.seed)
     sample_rng = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     if not both_signs:
@@ -599,15 +581,14 @@ def fixed_batch(policy, cfg, both_signs=False, tries=100):
     return batch
 
 def perturb_weights(model, scale, seed):
-    """Move every parameter by scale * its std * N(0, 1): an off-policy model."""
+    """Move each parameter by scale * its std * N(0, 1): an off-policy model."""
     noise_rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
 
 def compare(policy, cfg, sample_counts, repeats=2):
-    """Rows of method x n_t measurements (see the banner); with cfg.perturb
-    the model moves after the old terms are taken (off-policy)."""
+    """Rows of method x n_t (banner); cfg.perturb moves the model off-policy."""
     model, batch = policy.model, fixed_batch(policy, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
     original = {name: t.clone() for name, t in model.state_dict().items()} if cfg.perturb else None
@@ -649,9 +630,8 @@ def bgpo_gradient(policy, batch, masks, weights, old_terms):
     return grad
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
-    """Rows of scheme x n_t: relative std, bias and error of the BGPO gradient.
-    Each draw's masks for n_t are every (max/n_t)-th of one draw at the
-    largest n_t, so that the rows differ by n_t, not by luck."""
+    """Rows of scheme x n_t. A draw's masks for n_t are every (max/n_t)-th of
+    one draw at the largest n_t: the rows differ by n_t, not by luck."""
     batch = fixed_batch(policy, cfg)
     if not batch.advantages.any():
         raise ValueError("every group of the fixed batch has equal rewards: no gradient to study")
@@ -686,17 +666,19 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     return rows
 
 def explain(policy, cfg):
-    """--explain: one BGPO step on a small batch, every number printed in the
-    order of the algorithm, then the claims checked on it; no optimizer step."""
+    """One BGPO step on a small batch, every number printed; weights unchanged."""
     model, batch = policy.model, fixed_batch(policy, cfg, both_signs=True)
     n, A = cfg.samples, batch.advantages
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
           f"scheme {cfg.scheme}; '_' is [MASK], '.' the end token\n")
     print("1-2. rollout; reward r (exact match); advantage A = (r - mean r) / std r per group")
     truths = policy.task.answers(batch.problems)
+
+    def show(i, mask=None):  # '37+48=0_5'
+        return toy_dllm.show_tokens(policy.tokenizer, batch.prompts[i], batch.responses[i], mask)
+
     for i in range(len(A)):
-        print(f"  y{i + 1:<2} {show_tokens(policy, batch.prompts[i], batch.responses[i])}"
-              f"   (truth {truths[i]})   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
+        print(f"  y{i + 1:<2} {show(i)}   (truth {truths[i]})   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
     rule = {"stratified": "L/l", "uniform_t": "(L+1)/l"}[cfg.scheme] + " / L" * cfg.length_norm
@@ -710,9 +692,7 @@ def explain(policy, cfg):
                          policy.mask_id, batch.prompt_mask)                   # (B,), a graph
         g = bgpo_sample_objective(term, old_terms[j], A, n, cfg.clip)        # (B,)
         for i in range(len(A)):
-            print(f"  j={j + 1} y{i + 1:<2} "
-                  f"{show_tokens(policy, batch.prompts[i], batch.responses[i], masks[j, i])}"
-                  f"  masked={int(masks[j, i].sum())} w={weights[j, i]:.3f}"
+            print(f"  j={j + 1} y{i + 1:<2} {show(i, masks[j, i])}  masked={int(masks[j, i].sum())} w={weights[j, i]:.3f}"
                   f"  l_old={old_terms[j, i]:+.4f}  l={term[i].item():+.4f}"
                   f"  d={term[i].item() - old_terms[j, i]:+.1e}  g={g[i].item():+.4f}  "
                   + ("tangent A(1+d)/n_t" if A[i] >= 0 else "Jensen  A e^d/n_t"))
@@ -723,8 +703,7 @@ def explain(policy, cfg):
     explain_checks(policy, cfg, batch, masks, weights, old_terms)
 
 def explain_checks(policy, cfg, batch, masks, weights, old_terms):
-    """--explain's claims on its batch: equal gradients on-policy, R_lb <= R
-    off-policy, and each method's activation memory."""
+    """On --explain's batch: equal gradients, R_lb <= R off-policy, memory."""
     model, n, A = policy.model, len(masks), batch.advantages
     bgpo_grad = flat_grad(model).clone()  # what step 4 accumulated
     measure_loss_call(policy, batch, masks, weights, old_terms, "naive", cfg.clip)
@@ -751,15 +730,6 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
         nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, method, cfg.clip)[1]
         print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)
-
-def show_tokens(policy, prompt, response, mask=None):
-    """'37+48=' + '0_5': the prompt, then the response with '_' where masked."""
-    tokenizer, end = policy.tokenizer, toy_dllm.end_token_id(policy.tokenizer)
-    text = tokenizer.decode([t for t in prompt.tolist() if t != end]).replace(" ", "")
-    for i, t in enumerate(response.tolist()):
-        masked = mask is not None and bool(mask[i])
-        text += "_" if masked else "." if t == end else tokenizer.decode([t]).strip()
-    return text
 
 def format_table(rows):
     """Rows of dicts -> an aligned text table, with the units of the columns."""
@@ -788,20 +758,17 @@ def format_table(rows):
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in table)
 
 # -----------------------------------------------------------------------------
-# 8. Command line: Config, every setting and its flag; then in the order main
-#    calls them: flags -> Config, device, model (the toy or --model), checks,
-#    then one of compare / grad-stats / explain / train. Every check raises
-#    ValueError; main says it in one line.
+# 8. Command line: Config, then what main calls in order. A check raises
+#    ValueError; main says it in one line, exit status 2.
 
 def flag(default, help, **keywords):
-    """A Config field and its flag: help, and for argparse low / high (bounds),
-    above (an open bound), choices, metavar, list=True (--samples 1,4,16)."""
+    """A Config field and its flag: help, bounds low / high / above, choices,
+    metavar, list=True (--samples 1,4,16)."""
     return dataclasses.field(default=default, metadata=dict(keywords, help=help))
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run, its default and its flag's help (--help lists
-    them). Built once, from the command line, and never changed."""
+    """Every setting, its default and its flag's help; built once, never changed."""
     # what to do: train, unless one of these is given
     compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t, memory and time")
     grad_stats: bool = flag(False, "table: std, bias and error of the BGPO gradient per n_t")
@@ -857,15 +824,14 @@ EXPLAIN = dict(prompts=2, group=4, samples=2, sample_counts=(2,))  # --explain's
 NOT_TYPED = object()  # parse_args: the value of a flag that was not typed
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with errors on one line: 'bgpo.py: error: ...', exit status 2.
-    Under torchrun every rank exits; rank 0 alone says why."""
+    """argparse, errors on one line (under torchrun, from rank 0 only)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0"
                   else None)
 
 def number(kind, low=None, high=None, above=None):
-    """An argparse type: a number of this kind, >= low (or > above), <= high."""
+    """An argparse type: a finite number of this kind, >= low (> above), <= high."""
     def parse(text):
         try:
             value = kind(text)
@@ -880,8 +846,7 @@ def number(kind, low=None, high=None, above=None):
     return parse
 
 class FirstAndList(argparse.Action):
-    """--samples 16 or --samples 1,4,16: n_t (the first) and the whole list
-    (sample_counts); the same for --mc-batch (mc_batch, mc_batches)."""
+    """--samples 1,4,16: samples the first, sample_counts all (--mc-batch too)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values[0])
@@ -889,7 +854,6 @@ class FirstAndList(argparse.Action):
                 tuple(values))
 
 def build_parser():
-    """A flag for each Config field that has one, with its help and default."""
     p = Parser(prog="bgpo.py", description="BGPO on a tiny diffusion LM (or a real one).")
     modes = p.add_mutually_exclusive_group()
     for f in (f for f in dataclasses.fields(Config) if f.metadata):
@@ -910,8 +874,8 @@ def build_parser():
     return p
 
 def parse_args(parser, argv):
-    """(Config, checkpoint to resume or None): the flags, over --explain's
-    small batch or the --resume run's settings, checked against each other."""
+    """(Config, checkpoint or None): the flags over --explain's batch or the
+    --resume run's settings, checked against each other."""
     args = vars(parser.parse_args(argv))
     given = {name: v for name, v in vars(parser.parse_args(argv, argparse.Namespace(
         **{name: NOT_TYPED for name in args}))).items() if v is not NOT_TYPED}  # typed
@@ -933,7 +897,7 @@ def parse_args(parser, argv):
     return cfg, checkpoint
 
 def read_run(out, given):
-    """run.json's settings and the latest checkpoint of the run saved in out."""
+    """run.json's settings and the run's latest checkpoint."""
     found = real_dllm.checkpoints(out)
     try:
         with open(os.path.join(out, "run.json")) as f:
@@ -976,15 +940,14 @@ def check_flags(cfg):
 
 @contextlib.contextmanager
 def blame(source):
-    """A ValueError raised inside is said as 'source: message'."""
+    """A ValueError inside is said as 'source: message'."""
     try:
         yield
     except ValueError as e:
         raise ValueError(f"{source}: {real_dllm.first_line(e)}") from e
 
 def load_policy(cfg, device, checkpoint=None):
-    """The toy warm start, or the model of --model (or --resume), checked
-    against the task, with the LoRA adapters and checkpointing asked for."""
+    """The toy, or the model of --model / --resume, checked against the task."""
     path = checkpoint or cfg.model
     saved = real_dllm.saved_settings(path) if path else {}
     task = toy_dllm.make_task(cfg.digits, cfg.test_size)
@@ -1030,8 +993,7 @@ def load_policy(cfg, device, checkpoint=None):
     return Policy(model, tokenizer, task, mask_id, length, device, lora_base)
 
 def load_model(cfg, path, saved):
-    """(model, tokenizer): the toy warm start (path None), or the checkpoint
-    at path; a LoRA checkpoint's adapters on its base (bgpo.json's lora_base)."""
+    """(model, tokenizer) of path (None: the toy); LoRA adapters on their base."""
     if path is None:
         return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
                                    response_length=cfg.response_length)[:2]
@@ -1044,9 +1006,8 @@ def load_model(cfg, path, saved):
     return load_checkpoint(path, cfg.trust_remote_code, shifted)
 
 def check_activation_budget(policy, cfg):
-    """--activation-budget: one loss call of the run's method, n_t and K, on a
-    batch of its size, as --compare measures it; over the budget, an error
-    naming the largest n_t that fits (memory does not fall as n_t grows)."""
+    """--activation-budget: one loss call as the run makes it, measured as
+    --compare does; over budget, an error naming the largest n_t that fits."""
     batch, need = fixed_batch(policy, cfg), {}  # MB of activations at each n_t tried
 
     def fits(n):
@@ -1069,7 +1030,8 @@ def check_activation_budget(policy, cfg):
                      + (f"the largest n_t that fits is {most}" if most else "not even n_t = 1 fits"))
 
 def prepare_out(cfg, policy, resuming):
-    """--out: a directory holding no other run; run.json written there (rank 0)."""
+    """--out: a writable directory with no other run in it; run.json."""
+
     if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise ValueError(f"--out {cfg.out} already holds a run; use --resume {cfg.out} or "
                          "another --out")

@@ -1,21 +1,11 @@
 """What a real diffusion LM on GPUs needs, kept out of the algorithm's way.
 
-bgpo.py reads like the paper; it calls this module only where a model is
-loaded, wrapped, sharded or saved. Everything downstream of those calls sees
-a plain masked LM: model(input_ids, attention_mask, position_ids).logits,
-(B, T, V), position i predicting token i (toy_dllm.forward_logits).
-
-  1. MaskedLM: one adapter that presents any masked LM that way (Dream reads
-     its logits shifted and takes only a 4-D padding mask; LLaDA ignores its
-     padding mask).
-  2. load_checkpoint: a checkpoint's model and tokenizer, adapted; model code
-     that shipped with it, written for transformers 4.x, is adjusted to run
-     under the pinned 5.x first (section 5).
-  3. Memory levers: LoRA adapters (peft) and activation checkpointing.
-  4. torchrun + FSDP2: start-up, sharding, and full state gathered for saving.
-
-This module does not import bgpo.py. Its functions raise ValueError for a
-checkpoint or setting that cannot be used; bgpo.py's main says it in one line.
+bgpo.py calls this module where a model is loaded, wrapped, sharded, saved
+or measured; downstream, every model reads like a plain masked LM
+(toy_dllm.forward_logits). 1. the adapter; 2. checkpoints; 3. memory: LoRA,
+activation checkpointing, the activation meter; 4. torchrun + FSDP2; 5. model
+code shipped for transformers 4.x, adjusted for 5.x. It imports no project
+module, and raises ValueError for what cannot be used.
 """
 
 import inspect
@@ -36,18 +26,14 @@ SHIFTED_MODEL_TYPES = ("dream",)  # adapted from autoregressive LMs: token i is 
 # 1. The adapter: ids and a 2-D padding mask in, aligned logits out
 
 class MaskedLM(torch.nn.Module):
-    """A masked LM that reads padding or positions its own way, presented as
-    the project reads one (toy_dllm.forward_logits): input_ids (B, T), and
-    optionally attention_mask (B, T), 0 at left padding, with position_ids.
+    """A masked LM presented as toy_dllm.forward_logits reads one: input_ids
+    (B, T), attention_mask (B, T) 0 at left padding, position_ids.
 
-    shifted: the model predicts token i at position i - 1 (Dream, and models
-        built on it, adapted from autoregressive LMs); logits are moved one
-        place right so that position i predicts token i.
-    padding: how the model hides padding (padding_form): "2d" (B, T), the
-        transformers convention; "4d" (B, 1, T, T) booleans, for code that
-        takes only those (Dream); "none" for a model that cannot (LLaDA
-        ignores its attention_mask): it then reads the padding as tokens, as
-        its own batched sampling does.
+    shifted: the model predicts token i at i - 1 (Dream, adapted from an
+        autoregressive LM); the logits move one place right.
+    padding (padding_form): "2d" (B, T) masks; "4d" (B, 1, T, T), for code
+        that takes only those (Dream); "none" where padding cannot be hidden
+        (LLaDA ignores its mask, and reads padding as tokens, as it does).
     """
 
     def __init__(self, model, shifted=False, padding="2d"):
@@ -79,8 +65,7 @@ class MaskedLM(torch.nn.Module):
         return types.SimpleNamespace(logits=logits)
 
 def adapt(model, shifted=False):
-    """model itself where it reads like a plain masked LM, else model wrapped
-    in a MaskedLM that makes it read like one."""
+    """model, or model in a MaskedLM if it does not read like a plain masked LM."""
     padding = padding_form(model)
     wrapped = MaskedLM(model, shifted, padding)
     plain = padding == "2d" and wrapped.takes_positions and not shifted
@@ -88,10 +73,9 @@ def adapt(model, shifted=False):
 
 @torch.no_grad()
 def padding_form(model):
-    """The first of "2d", "4d" that the model's forward accepts and that hides
-    padding, else "none". The test: two rows that differ only in their padding
-    token, followed by the same tokens; a mask hides the padding if the real
-    tokens' logits come out the same."""
+    """The first of "2d", "4d" that the forward accepts and that hides padding
+    (two rows differing only at a padded position give equal logits elsewhere),
+    else "none"."""
     device = next(model.parameters()).device
     ids = torch.tensor([[0, 2, 2, 2], [1, 2, 2, 2]], device=device)
     real = torch.tensor([[0, 1, 1, 1]] * 2, device=device)  # both rows at the same positions
@@ -112,8 +96,7 @@ def reads_shifted(model):
     return isinstance(model, MaskedLM) and model.shifted
 
 def unwrap(model):
-    """The transformers (or peft) model inside the adapter: what saves, shards
-    and takes adapters."""
+    """The transformers (or peft) model inside the adapter."""
     return model.model if isinstance(model, MaskedLM) else model
 
 def rewrap(model, inner):
@@ -129,16 +112,11 @@ def base_model(model):
 # 2. Loading and saving a checkpoint
 
 def load_checkpoint(path, trust_remote_code=False, shifted="auto"):
-    """(model, tokenizer) from a directory or hub name, adapted (adapt) so that
-    it reads like a plain masked LM. Masked-LM head first, then AutoModel
-    (LLaDA registers its diffusion LM only as AutoModel).
-
-    Weights load in float32 whatever the checkpoint holds: an RL update at a
-    small learning rate is far below bfloat16's resolution and would vanish.
-    On CUDA the forward passes still run in bfloat16 (toy_dllm.forward_logits).
-    Code shipped with the checkpoint (an `auto_map` in its config, allowed by
-    trust_remote_code) is adjusted for transformers 5.x first (section 5).
-    shifted: "auto" (by the model type, SHIFTED_MODEL_TYPES), True or False.
+    """(model, tokenizer) of a directory or hub name, adapted. A masked-LM
+    head first, then AutoModel (LLaDA registers only that). Weights load in
+    float32: a small RL update would vanish below bfloat16's resolution (CUDA
+    forwards still run in bfloat16). Shipped code (trust_remote_code) is
+    adjusted first (section 5). shifted: "auto" (SHIFTED_MODEL_TYPES) or a bool.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     looks_like_hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
@@ -165,12 +143,11 @@ def load_checkpoint(path, trust_remote_code=False, shifted="auto"):
         shifted = str(getattr(config, "model_type", "")).lower() in SHIFTED_MODEL_TYPES
     return adapt(model.eval(), shifted), tokenizer
 
-SETTINGS = "bgpo.json"  # beside a saved model: what using it again needs (mask id, ...)
+SETTINGS = "bgpo.json"  # beside a saved model: what using it again needs
 
 def save_model(path, model, tokenizer, settings, weights=None):
-    """save_pretrained of the model inside the adapter (with LoRA: the adapters
-    only) and of the tokenizer, and settings (SETTINGS). weights: the full
-    weights of a sharded model (full_state)."""
+    """The model (with LoRA: its adapters), tokenizer and settings; weights:
+    the full weights of a sharded model (full_state)."""
     inner = unwrap(model)
     inner.save_pretrained(path, state_dict=weights)
     generation = getattr(inner, "generation_config", None)
@@ -201,9 +178,8 @@ def checkpoints(out):
         (s for s in steps if s.isdigit()), key=int)]
 
 def load_trainer_state(checkpoint, device):
-    """The trainer state saved in a checkpoint (trainer_state.pt), on the kind
-    of device and in as many processes as it was saved from (RNG states and
-    optimizer shards need it)."""
+    """A checkpoint's trainer_state.pt, for as many processes on the kind of
+    device it was saved from (RNG states and optimizer shards need them)."""
     try:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
                            weights_only=True)
@@ -219,20 +195,17 @@ def load_trainer_state(checkpoint, device):
     return state
 
 # -----------------------------------------------------------------------------
-# 3. Memory: LoRA adapters, activation checkpointing, and what they save
-#    What grows with n_t is what autograd saves for backward (activations):
-#    SavedTensorMeter counts each saved storage once while it is held.
+# 3. Memory: LoRA adapters, activation checkpointing, and the activations
+#    that autograd saves for backward (what grows with n_t), measured
 
 def has_lora(model):
     return hasattr(unwrap(model), "peft_config")
 
 def add_lora(model, rank, alpha=None, targets=None, seed=0):
-    """peft LoRA adapters of this rank on every target module; only they train.
-    targets: module names, or None for every linear layer but the output head,
-    found by its output size, the vocabulary (peft's "all-linear" finds the
-    head only where the model names it, and LLaDA's code does not). alpha:
-    updates are scaled by alpha / rank (default: rank). A model that holds
-    adapters already (loaded from a LoRA checkpoint) keeps them."""
+    """peft LoRA adapters of this rank, scaled by alpha / rank, on the target
+    modules (default: every linear layer but the head, found by its output
+    size: LLaDA's does not have the name peft looks for); only they train.
+    A model with adapters already (a LoRA checkpoint) keeps them."""
     if has_lora(model):
         held = unwrap(model).peft_config["default"].r
         if held != rank:
@@ -259,8 +232,8 @@ def load_lora(model, path):
         raise ValueError(f"cannot load its LoRA adapters ({first_line(e)})") from e
 
 def set_checkpointing(model, on):
-    """transformers' activation checkpointing on or off: each layer keeps only
-    its input and recomputes the rest in backward. See eval_mode."""
+    """Activation checkpointing on or off: each layer keeps only its input and
+    recomputes the rest in backward."""
     try:
         if on:
             base_model(model).activation_checkpointing_enable()
@@ -271,10 +244,9 @@ def set_checkpointing(model, on):
     eval_mode(model)
 
 def eval_mode(model):
-    """model.eval(): no dropout, so old and new policy are the same network.
-    transformers checkpoints a layer only in training mode, so layers set to
-    checkpoint are put back in it: the layer alone, not its dropout, so the
-    network computes the same function."""
+    """model.eval(): no dropout, so old and new policy are the same network;
+    but layers set to checkpoint are put back in training mode (the layer
+    alone, not its dropout), as transformers checkpoints only there."""
     model.eval()
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", None) is True:
@@ -282,7 +254,7 @@ def eval_mode(model):
 
 class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: peak bytes autograd holds for backward inside it, each
-    storage once; parameters (anything in `exclude`) are not counted.
+    storage counted once while held; `exclude` (parameters) not at all.
 
     >>> w = torch.randn(1000, requires_grad=True)
     >>> with SavedTensorMeter(exclude=[w]) as meter:
@@ -338,17 +310,16 @@ def measure(fn, model, device):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return result, meter.peak_bytes, seconds, torch.cuda.max_memory_allocated() - base if cuda else None
+
 # -----------------------------------------------------------------------------
 # 4. Many processes: torchrun + FSDP2
-#    `torchrun --nproc_per_node W bgpo.py ...` starts W copies of the script
-#    (RANK, WORLD_SIZE in their environment). FSDP2 (fully_shard) keeps 1/W of
-#    every weight, gradient and AdamW state on each rank; it all-gathers a
-#    block's weights for its forward and backward, and after each backward
-#    reduce-scatters the gradients as their mean over ranks (its default:
-#    gradients stay sharded, as an 8B model needs). Each rank's loss is a mean
-#    over its B/W responses, so that mean is the mean over all B: the gradient
-#    is the single-process gradient on the same global batch. Every forward
-#    and backward is collective: all ranks must make the same number of them.
+#    `torchrun --nproc_per_node W bgpo.py ...` starts W copies of the script.
+#    FSDP2 (fully_shard) keeps 1/W of every weight, gradient and AdamW state
+#    on each rank, all-gathers a block's weights for its forward and backward,
+#    and reduce-scatters the gradients as their mean after each backward (its
+#    default, as an 8B model needs). The mean of the ranks' mean losses is the
+#    global batch's: the gradient is the single-process one. Every forward and
+#    backward is collective: all ranks must make the same number of them.
 
 def world():
     """(rank, world size); (0, 1) in a single process."""
@@ -360,10 +331,8 @@ def launched_by_torchrun():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 def start(name="auto"):
-    """The device to run on: "cpu", "cuda" or "auto" (CUDA if there is one);
-    under torchrun, this rank's (one GPU each), after joining the group
-    torchrun set up (gloo on the CPU, nccl on CUDA). Returns (device, whether
-    this call joined: then stop() leaves the group at the end)."""
+    """(device, joined): "cpu", "cuda" or "auto"; under torchrun this rank's
+    GPU, in the group (gloo or nccl) joined here unless already (then stop())."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
     device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -381,8 +350,7 @@ def stop():
     dist.destroy_process_group()
 
 def shard(model):
-    """FSDP2: each block of the model's longest layer list, then the model
-    (which keeps the rest: embeddings, head, and weights tied between them)."""
+    """FSDP2: each block of the longest layer list, then the rest (tied weights too)."""
     from torch.distributed.fsdp import fully_shard
     inner = unwrap(model)
     layer_lists = [m for m in inner.modules() if isinstance(m, torch.nn.ModuleList)]
@@ -392,13 +360,12 @@ def shard(model):
     return model
 
 def rank_generator(generator):
-    """A generator of this rank's own, seeded from `generator`, which every
-    rank advances alike: draws that differ between ranks, from a shared state."""
+    """A generator of this rank's own, seeded from the state all ranks share."""
     seed = int(torch.randint(2**62, (1,), generator=generator))
     return torch.Generator(generator.device).manual_seed(seed + world()[0])
 
 def global_mean(value):
-    """The mean over ranks of a number each rank has (itself in one process)."""
+    """The mean over ranks of a number each rank has."""
     if world()[1] == 1:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64)
@@ -414,9 +381,9 @@ def all_ranks(obj):
     return gathered
 
 def full_state(model, optimizer=None):
-    """(weights, optimizer state) to save. In one process: None (the model's
-    own) and optimizer.state_dict(); under torchrun both gathered whole on the
-    CPU, so every rank must call it, and rank 0 saves them."""
+    """(weights, optimizer state) to save: None and state_dict() in one
+    process; under torchrun both gathered on the CPU (every rank calls it)."""
+
     if world()[1] == 1:
         return None, optimizer and optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
@@ -441,19 +408,17 @@ def peak_memory_per_rank():
 
 # -----------------------------------------------------------------------------
 # 5. Model code shipped with a checkpoint (LLaDA, Dream), written for
-#    transformers 4.x, under the pinned 5.x. Each fix is applied only where the
-#    loaded code needs it, checked on the code itself, and names the change in
-#    transformers that made it necessary. Nothing here edits files: the classes
-#    are adjusted in memory, for this process, after transformers imported them.
+#    transformers 4.x, under the pinned 5.x. Each fix names the change that
+#    made it necessary and applies only where the loaded code needs it, to the
+#    classes in memory after transformers imported them; no file is edited.
 
 def adapt_shipped_code(config, path):
     """Import the model classes the config's auto_map names (as from_pretrained
     would) and adjust them, before any model is built."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     if not hasattr(config, "use_cache"):
-        # 5.x's PreTrainedConfig drops generation settings (use_cache among them)
-        # from a config's kwargs; 4.x forwards read config.use_cache. Our forward
-        # passes never use a cache.
+        # 5.x's PreTrainedConfig drops generation settings such as use_cache
+        # from a config's kwargs; 4.x forwards read it. No forward here caches.
         config.use_cache = False
     for auto, ref in config.auto_map.items():
         if auto.startswith("AutoModel"):
@@ -483,7 +448,7 @@ def adapt_module(module):
 def accept_new_keywords(cls, method):
     """Let cls.method(self, ...) written for 4.x be called with the keywords
     5.x passes: those it does not take are dropped."""
-    import inspect
+
     original = cls.__dict__.get(method)
     if original is None or getattr(original, "adapted", False):
         return

@@ -1,11 +1,8 @@
 """A tiny masked-diffusion language model that learns to add.
 
-Everything about the diffusion LM itself lives here: the toy task, its
-vocabulary, the network, the forward (masking) process, the training loss,
-the LLaDA-style sampler and a supervised warm start. Nothing here knows about
-reinforcement learning; bgpo.py imports this file and adds the RL.
-
-The task, with a worked example (n_digits = 2):
+The toy task, its vocabulary, the network, the forward (masking) process,
+the training loss, the LLaDA-style sampler and a supervised warm start.
+Nothing here knows about RL; bgpo.py imports this file and adds it.
 
     operands   a = 37, b = 48, each written with exactly n_digits digits
     prompt x   "37+48="                       6 tokens, never masked
@@ -18,11 +15,9 @@ positions at once, with a bidirectional transformer. To generate, it starts
 from an all-[MASK] answer ("37+48=[MASK][MASK][MASK]") and unmasks a few
 tokens per step, the most confident first.
 
-The network is a stock transformers masked LM (BertForMaskedLM) with a tiny
-config, and the vocabulary a stock transformers tokenizer: a checkpoint
-loads back with AutoModelForMaskedLM / AutoTokenizer, and code written
-against it runs on any masked LM that reads its inputs the same way
-(forward_logits; real_dllm.py adapts those that do not).
+The network is a stock BertForMaskedLM with a tiny config and the vocabulary
+a stock tokenizer, so code written against them runs on any masked LM that
+reads its inputs the same way (forward_logits; real_dllm.py adapts others).
 """
 
 import hashlib
@@ -43,8 +38,7 @@ from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()  # no "Loading weights" bar on every load
 
 # -----------------------------------------------------------------------------
-# Settings of the warm start. Changing any of them changes the cache key, so a
-# different model is trained and cached instead of a stale one being reused.
+# Settings of the warm start; they are its cache key.
 
 WARM_START = dict(
     n_digits=2,         # digits per operand: "37+48=" -> "085"
@@ -88,9 +82,8 @@ class ArithmeticTask:
         return [f"{a + b:0{self.n_digits + 1}d}" for a, b in problems.tolist()]
 
 def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
-    """Disjoint train and test problems: a seeded permutation of every pair
-    (a, b), 0 <= a, b < 10**n_digits, gives the test set first and the train
-    set (at most max_train problems) after it.
+    """Disjoint train and test problems from a seeded permutation of all pairs
+    (a, b), 0 <= a, b < 10**n_digits: test first, then up to max_train.
 
     >>> task = make_task(n_digits=1, n_test=20)
     >>> len(task.test), len(task.train)
@@ -113,18 +106,16 @@ def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
     return ArithmeticTask(n_digits, train=pairs[n_test:], test=pairs[:n_test])
 
 def decode_responses(tokenizer, responses):
-    """Token ids (B, L) -> answer strings: the tokens before the first end
-    token (what follows it is not read, as LLaDA's decoding does), special
-    tokens and spaces dropped."""
+    """Token ids (B, L) -> the text before the first end token (as LLaDA
+    decodes), without special tokens and spaces."""
     end = end_token_id(tokenizer)
     rows = [row[:row.index(end)] if end in row else row for row in responses.tolist()]
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     return ["".join(t.split()) for t in texts]
 
 def exact_match_reward(task, tokenizer, problems, responses):
-    """Float (B,): 1.0 where the decoded response equals the true answer, else
-    0.0. Strict: "085" is right for 37+48, "85" and "0850" are wrong, and so
-    is "08", end token, "5": the answer ends at the first end token."""
+    """Float (B,): 1.0 where the decoded response is the answer, else 0.0.
+    Strict: for 37+48, "085" is right; "85", "0850" and "08<end>5" are wrong."""
     said = decode_responses(tokenizer, responses)
     truth = task.answers(problems)
     return torch.tensor([float(s == t) for s, t in zip(said, truth)])
@@ -149,10 +140,19 @@ def end_token_id(tokenizer):
             return tid
     raise ValueError("the tokenizer names no end, separator or padding token")
 
+def show_tokens(tokenizer, prompt, response, mask=None):
+    """'37+48=' + '0_5': a prompt, then its response with '_' where masked and
+    '.' at end tokens."""
+    end = end_token_id(tokenizer)
+    text = tokenizer.decode([t for t in prompt.tolist() if t != end]).replace(" ", "")
+    for i, t in enumerate(response.tolist()):
+        masked = mask is not None and bool(mask[i])
+        text += "_" if masked else "." if t == end else tokenizer.decode([t]).strip()
+    return text
+
 def encode_padded_prompts(tokenizer, texts, device=None):
-    """Prompt strings -> (Long (B, Lp) ids, left-padded with the end token so
-    that each prompt ends next to its response, and Bool (B, Lp) True at real
-    tokens, or None when no prompt is padded: the toy's never are)."""
+    """Prompt strings -> Long (B, Lp), left-padded with the end token, and
+    Bool (B, Lp) True at real tokens, or None if none is padded (the toy's)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     width = max(len(row) for row in ids)
     pad = end_token_id(tokenizer)
@@ -178,11 +178,8 @@ def encode_responses(tokenizer, texts, length):
 
 def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
                 num_heads=4, intermediate_size=256):
-    """A freshly initialised BertForMaskedLM sized for the toy task.
-
-    Dropout is off: an RL objective compares the same model's log-probs on
-    the same inputs, and these must not change from one forward to the next.
-    """
+    """A fresh BertForMaskedLM sized for the toy task, without dropout: an RL
+    objective compares the same model's log-probs on the same inputs."""
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -194,12 +191,9 @@ def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
 
 def forward_logits(model, input_ids, attention_mask=None):
     """model(input_ids).logits, (B, T, V): position i predicts token i.
-
-    attention_mask: Bool (B, T), False at left padding, or None. It goes in
-    the transformers way, with position_ids counting from each row's first
-    real token, so a padded prompt reads like the prompt alone. A float32
-    model on CUDA runs its forward pass (only) in bfloat16 autocast.
-    """
+    attention_mask: Bool (B, T), False at left padding, or None; it goes in
+    with position_ids from each row's first real token, so a padded prompt
+    reads like the prompt alone. On CUDA the forward runs in bfloat16."""
     use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
     padding = {}
     if attention_mask is not None:
@@ -220,9 +214,8 @@ def with_response(prompt_mask, length):
 #    loss = -E_t E_{y_t} (1/t) sum_i 1[y_t^i = M] log p(y^i | y_t, x) / L
 
 def forward_mask(responses, t, generator=None):
-    """Bool (B, L), True where the forward process at noise level t (Float
-    (B,)) masks a response token; only responses' shape is used. The prompt
-    is a separate tensor and is never masked."""
+    """Bool (B, L), True where the forward process at noise level t (B,)
+    masks a response token; only responses' shape is used."""
     u = torch.rand(responses.shape, generator=generator,
                    device=generator.device if generator is not None else responses.device)
     return u.to(responses.device) < t[:, None]
@@ -332,11 +325,7 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
 
 def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
              batch_size=1000, n_failures=0, **sampler_kwargs):
-    """Greedy test accuracy, and up to n_failures concrete mistakes.
-
-    Returns (accuracy, failures) where failures are strings such as
-    "model says 37+48=086, truth is 085".
-    """
+    """(greedy accuracy, up to n_failures lines "model says 37+48=086, truth is 085")."""
     mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
     length = task.answer_length if length is None else length
     device = next(model.parameters()).device
@@ -354,10 +343,8 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
     return torch.cat(rewards).mean().item(), failures
 
 # -----------------------------------------------------------------------------
-# 7. Warm start: brief supervised pre-training, cached by its settings
-#    The model is trained with diffusion_loss until it gets 30% of 500
-#    held-out *train* problems right (the test set is never looked at): good
-#    enough to earn rewards, poor enough for RL to have something to improve.
+# 7. Warm start: supervised diffusion_loss training until 30% of 500 held-out
+#    *train* problems are right: rewards to earn, room for RL to improve.
 
 def cache_dir():
     return os.environ.get("BGPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bgpo")
@@ -368,10 +355,8 @@ def warm_start_path(settings):
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
              target_accuracy=None, eval_every=10, n_val=500, length=None):
-    """Supervised masked-diffusion training on the task's train problems, for
-    max_steps or until greedy accuracy on n_val held-out *train* problems
-    reaches target_accuracy (the test set is never looked at). length: the
-    response length (default: the answer's). Returns the steps taken."""
+    """diffusion_loss training for max_steps, or until greedy accuracy on n_val
+    held-out train problems reaches target_accuracy; returns the steps taken."""
     length = task.answer_length if length is None else length
     g = torch.Generator().manual_seed(seed)
     val, train = task.train[:n_val], task.train[n_val:]
@@ -396,9 +381,8 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
     return step
 
 def warm_start(verbose=True, **overrides):
-    """(model, tokenizer, task, settings) of the warm start of these settings
-    (WARM_START, overridden): loaded from the cache, or trained (about half a
-    minute on 2 CPU cores) and saved there atomically."""
+    """(model, tokenizer, task, settings) of WARM_START with overrides, from the
+    cache, or trained (seconds) and cached."""
     settings = {**WARM_START, **overrides}
     unknown = set(settings) - set(WARM_START)
     if unknown:
@@ -438,18 +422,18 @@ def warm_start(verbose=True, **overrides):
     return model, tokenizer, task, settings
 
 # -----------------------------------------------------------------------------
-# 8. Saving without half-written files (bgpo.py uses these too)
+# 8. Saving without half-written files
 
 def write_atomic(path, text):
-    """Write a file so that it is either the old one or the new one, never half."""
+    """Write a file that is either the old one or the new one, never half."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
 
 def save_dir_atomic(path, save, replace=True):
-    """save(tmp_dir), then rename tmp_dir to path: path is never half-written.
-    An existing path is replaced, or with replace=False kept (ours dropped)."""
+    """save(tmp_dir), then rename it to path, replacing it (replace=False: kept)."""
+
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     try:
