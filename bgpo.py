@@ -420,10 +420,7 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
 def update(model, optimizer, loss, max_grad_norm=None):
     """Step 5, the gradient's norm clipped to max_grad_norm; skipped (False) if not finite."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    if hasattr(grad_norm, "full_tensor"):  # torchrun: a sharded (distributed) tensor
-        grad_norm = grad_norm.full_tensor()
-    finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
-    if real_dllm.global_mean(float(finite)) < 1:  # torchrun: every rank skips, or none
+    if not real_dllm.all_finite(loss, grad_norm):  # torchrun: every rank skips, or none
         warnings.warn(f"non-finite loss ({loss}) or gradient: update skipped")
         optimizer.zero_grad(set_to_none=True)
         return False
@@ -431,20 +428,16 @@ def update(model, optimizer, loss, max_grad_norm=None):
     return True
 
 def evaluate_policy(policy, cfg, n_failures=3):
-    """Greedy test accuracy and a few failures. torchrun: each rank takes
-    every W-th problem, in as many batches as the others, and counts add up."""
-    rank, size = real_dllm.world()
+    """Greedy test accuracy and a few failures (torchrun: over all ranks)."""
     test = policy.task.test
-    share = test[rank::size]
-    widest = -(-len(test) // size)
-    batches = -(-widest // 1000)  # of at most 1000 problems, as many on every rank
+    share, batch_size = real_dllm.rank_share(test, 1000)  # torchrun: every W-th problem
     acc, failures = toy_dllm.evaluate(
         policy.model, policy.tokenizer, policy.task, share, policy.mask_id,
-        policy.response_length, batch_size=-(-widest // batches), n_failures=n_failures,
+        policy.response_length, batch_size=batch_size, n_failures=n_failures,
         block_length=cfg.block_length, steps=cfg.sampler_steps)
-    if size == 1:
+    if real_dllm.world()[1] == 1:
         return acc, failures
-    return real_dllm.global_mean(acc * len(share)) * size / len(test), failures
+    return real_dllm.global_mean(acc * len(share)) * real_dllm.world()[1] / len(test), failures
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     """The loop's state: fresh (with the accuracy before RL), or as saved."""
@@ -898,18 +891,14 @@ def parse_args(parser, argv):
 
 def read_run(out, given):
     """run.json's settings and the run's latest checkpoint."""
-    found = real_dllm.checkpoints(out)
     try:
         with open(os.path.join(out, "run.json")) as f:
             run = json.load(f)
-    except FileNotFoundError:
-        run = found = None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--resume {out}: cannot read run.json ({e})") from e
-    if not found:
-        raise ValueError(f"--resume {out}: no run with a checkpoint there")
-    if not isinstance(run, dict) or not {"samples", "method", "steps", "seed"} <= set(run):
-        raise ValueError(f"--resume {out}: run.json does not hold this program's settings")
+    except (OSError, ValueError):
+        run = None
+    found = real_dllm.checkpoints(out)
+    if not found or not isinstance(run, dict) or not {"samples", "method", "seed"} <= set(run):
+        raise ValueError(f"--resume {out}: no run of this program with a checkpoint there")
     if run.get("trust_remote_code") and "trust_remote_code" not in given:
         raise ValueError(f"--resume {out}: its model ships code of its own; "
                          "add --trust-remote-code to allow it to run")
@@ -959,9 +948,6 @@ def load_policy(cfg, device, checkpoint=None):
         if mask_id is None:
             raise ValueError("the tokenizer names no mask token; give --mask-id")
         prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(task.test))
-    vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
-    if not 0 <= mask_id < vocab:
-        raise ValueError(f"--mask-id {mask_id} is outside the model's vocabulary of {vocab}")
     longest = max(len(ids) for ids in tokenizer(task.answers(task.test),
                                                 add_special_tokens=False)["input_ids"])
     length = (cfg.response_length or saved.get("response_length")
@@ -969,13 +955,7 @@ def load_policy(cfg, device, checkpoint=None):
     if length < longest:
         raise ValueError(f"--response-length {length} is shorter than the longest answer "
                          f"({longest} tokens)")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and prompts.shape[1] + length > positions:
-        raise ValueError(f"prompt ({prompts.shape[1]}) + response ({length}) tokens exceed the "
-                         f"model's {positions} positions")
-    if padded is not None and not real_dllm.hides_padding(model):
-        print(f"note: {path} does not hide padding with an attention mask; shorter prompts "
-              "are read with the end tokens that pad them on the left", file=sys.stderr)
+    real_dllm.check_fits(model, mask_id, prompts.shape[1] + length, padded is not None)
     model = model.to(device).eval()
     lora_base = saved.get("lora_base")
     if cfg.lora_rank:
@@ -1031,7 +1011,6 @@ def check_activation_budget(policy, cfg):
 
 def prepare_out(cfg, policy, resuming):
     """--out: a writable directory with no other run in it; run.json."""
-
     if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise ValueError(f"--out {cfg.out} already holds a run; use --resume {cfg.out} or "
                          "another --out")

@@ -10,6 +10,7 @@ module, and raises ValueError for what cannot be used.
 
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -194,6 +195,20 @@ def load_trainer_state(checkpoint, device):
                          f"it with torchrun --nproc_per_node {state['world_size']}")
     return state
 
+def check_fits(model, mask_id, n_tokens, padded):
+    """ValueError unless mask_id is in the model's vocabulary and n_tokens fit
+    its positions; a note if padded prompts will be read as tokens."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and not 0 <= mask_id < vocab:
+        raise ValueError(f"--mask-id {mask_id} is outside the model's vocabulary of {vocab}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and n_tokens > positions:
+        raise ValueError(f"prompt and response ({n_tokens} tokens) exceed the model's "
+                         f"{positions} positions")
+    if padded and not hides_padding(model):
+        print("note: the model does not hide padding with an attention mask; shorter prompts "
+              "are read with the end tokens that pad them on the left", file=sys.stderr)
+
 # -----------------------------------------------------------------------------
 # 3. Memory: LoRA adapters, activation checkpointing, and the activations
 #    that autograd saves for backward (what grows with n_t), measured
@@ -363,6 +378,21 @@ def rank_generator(generator):
     """A generator of this rank's own, seeded from the state all ranks share."""
     seed = int(torch.randint(2**62, (1,), generator=generator))
     return torch.Generator(generator.device).manual_seed(seed + world()[0])
+
+def rank_share(items, most):
+    """This rank's share of items (every W-th) and a batch size of at most
+    `most` that gives every rank the same number of batches."""
+    rank, size = world()
+    widest = -(-len(items) // size)                 # the busiest rank's share (ceil division)
+    batches = -(-widest // most)
+    return items[rank::size], -(-widest // batches)
+
+def all_finite(loss, grad_norm):
+    """Whether the loss and gradient norm (of a sharded model too) are finite on every rank."""
+    if hasattr(grad_norm, "full_tensor"):  # the norm of a sharded gradient
+        grad_norm = grad_norm.full_tensor()
+    finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+    return global_mean(float(finite)) == 1
 
 def global_mean(value):
     """The mean over ranks of a number each rank has."""

@@ -487,7 +487,8 @@ def test_bad_loss_inputs_raise_naming_them(model64):
 
 def test_docstring_examples():
     import doctest
+    import real_dllm
     import toy_dllm
-    for module in (bgpo, toy_dllm):
+    for module in (bgpo, toy_dllm, real_dllm):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
