@@ -241,10 +241,9 @@ def diffusion_loss(model, prompts, responses, t, mask, mask_id):
 
 # -----------------------------------------------------------------------------
 # 5. The sampler (LLaDA, "low-confidence remasking")
-#    Start from an all-[MASK] response split into blocks, left to right. Each
-#    block gets steps / n_blocks steps; each step predicts every masked position
-#    of the block and commits the k most confident predictions, with k from a
-#    linear schedule that fills the block on its last step.
+#    From an all-[MASK] response, block by block, left to right: each of a
+#    block's steps predicts its masked positions and commits the k most
+#    confident, k from a linear schedule that fills the block on its last step.
 
 def transfer_schedule(block_length, steps):
     """How many tokens to commit at each step of a block: 5 over 3 -> [2, 2, 1]."""
@@ -252,9 +251,8 @@ def transfer_schedule(block_length, steps):
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 def sampler_blocks(length, block_length=None, steps=None):
-    """(block length, number of blocks, steps per block) of a response of
-    `length` tokens: the block length divides it (default: one block), the
-    steps are a multiple of the blocks (default: one token per step)."""
+    """(block length, number of blocks, steps per block) of `length` tokens;
+    defaults: one block, one token per step."""
     block_length = length if block_length is None else block_length
     steps = length if steps is None else steps
     if length <= 0:
@@ -346,12 +344,11 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
 # 7. Warm start: supervised diffusion_loss training until 30% of 500 held-out
 #    *train* problems are right: rewards to earn, room for RL to improve.
 
-def cache_dir():
-    return os.environ.get("BGPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bgpo")
-
 def warm_start_path(settings):
+    """The cache directory of these settings, under $BGPO_CACHE or ~/.cache/bgpo."""
+    cache = os.environ.get("BGPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bgpo")
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), f"warm-start-{key}")
+    return os.path.join(cache, f"warm-start-{key}")
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
              target_accuracy=None, eval_every=10, n_val=500, length=None):
@@ -400,15 +397,13 @@ def warm_start(verbose=True, **overrides):
         return model, AutoTokenizer.from_pretrained(path), task, settings
     t0 = time.time()
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, max_length=2 * task.n_digits + 2 + length, seed=settings["seed"],
-                        hidden_size=settings["hidden_size"], num_layers=settings["num_layers"],
-                        num_heads=settings["num_heads"],
-                        intermediate_size=settings["intermediate_size"])
+    network = {key: settings[key] for key in ("hidden_size", "num_layers", "num_heads",
+                                              "intermediate_size")}
+    model = build_model(tokenizer, 2 * task.n_digits + 2 + length, settings["seed"], **network)
     steps = pretrain(model, tokenizer, task, settings["max_steps"], settings["batch_size"],
-                     settings["lr"], seed=settings["seed"],
-                     target_accuracy=settings["target_accuracy"],
-                     eval_every=settings["eval_every"], length=length)
-    os.makedirs(cache_dir(), exist_ok=True)
+                     settings["lr"], settings["seed"], settings["target_accuracy"],
+                     settings["eval_every"], length=length)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def save(tmp):
         model.save_pretrained(tmp)
@@ -433,19 +428,15 @@ def write_atomic(path, text):
 
 def save_dir_atomic(path, save, replace=True):
     """save(tmp_dir), then rename it to path, replacing it (replace=False: kept)."""
-
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         save(tmp)
-        if os.path.isdir(path):
-            if not replace:
-                return
+        if replace and os.path.isdir(path):
             shutil.rmtree(path)
         try:
             os.rename(tmp, path)
-        except OSError:
-            if replace or not os.path.isdir(path):  # kept: saved first by another process
+        except OSError:  # with replace=False: path is there, saved by another process
+            if replace or not os.path.isdir(path):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
