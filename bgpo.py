@@ -203,9 +203,8 @@ def merge_repeats(masks, weights, old_terms=None):
 # -----------------------------------------------------------------------------
 # 3. The objectives: naive ELBO ratio vs the BGPO lower bound
 #    naive:  R    = exp((1/n_t) sum_j d_j) * A                (one big graph)
-#    BGPO:   R_lb = sum_j g_j,  g_j = A (1 + d_j) / n_t   if A >= 0  (e^x >= 1 + x)
-#                               g_j = A e^{d_j} / n_t     if A <  0  (Jensen)
-#    loss L = -(1/B) sum_i R_i; with R_lb it splits into L = sum_j L_j.
+#    BGPO:   R_lb = sum_j g_j, g_j of step 4: a tangent (e^x >= 1 + x) for A >= 0,
+#            Jensen for A < 0. L = -(1/B) sum_i R_i; with R_lb, L = sum_j L_j.
 #    --clip (the official code, not the paper): the ratio e^{mean d}, or
 #    1 + d_j / e^{d_j}, clipped to [1 - eps, 1 + eps]; dual clip 3 A if A < 0.
 
@@ -418,7 +417,7 @@ def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
     return (sum(losses) / len(losses) if losses else math.nan), skipped, peak
 
 def update(model, optimizer, loss, max_grad_norm=None):
-    """Step 5, the gradient's norm clipped to max_grad_norm; skipped (False) if not finite."""
+    """Step 5 (clipping the gradient's norm); skipped (False) if not finite."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if not real_dllm.all_finite(loss, grad_norm):  # torchrun: every rank skips, or none
         warnings.warn(f"non-finite loss ({loss}) or gradient: update skipped")
@@ -428,8 +427,7 @@ def update(model, optimizer, loss, max_grad_norm=None):
     return True
 
 def evaluate_policy(policy, cfg, n_failures=3):
-    """Greedy test accuracy and a few failures (torchrun: over all ranks)."""
-    test = policy.task.test
+    test = policy.task.test  # greedy accuracy and a few failures; torchrun: over all ranks
     share, batch_size = real_dllm.rank_share(test, 1000)  # torchrun: every W-th problem
     acc, failures = toy_dllm.evaluate(
         policy.model, policy.tokenizer, policy.task, share, policy.mask_id,
@@ -459,7 +457,6 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
 def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
-    """One metrics record, with the test accuracy every cfg.eval_every steps."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
     record = dict(step=step, reward_mean=real_dllm.global_mean(batch.rewards.mean().item()),
@@ -473,7 +470,6 @@ def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
     state.update(step=step, seconds=time.time() - state["started"])
 
 def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
-    """metrics.jsonl after every step; a checkpoint every cfg.save_every steps."""
     if real_dllm.world()[0] == 0:
         toy_dllm.write_atomic(os.path.join(out, "metrics.jsonl"),
                               "".join(json.dumps(m) + "\n" for m in state["metrics"]))
@@ -484,7 +480,6 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
             sample_rng=real_dllm.all_ranks(sample_rng.get_state())))
 
 def finish(policy, cfg, state, out):
-    """Say the accuracy before and after; write the summary and the model."""
     acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg)
     seconds = time.time() - state["started"]
     say("\n".join(failures + [f"greedy test accuracy: {state['acc_before']:.1%} before RL -> "
@@ -504,8 +499,7 @@ def finish(policy, cfg, state, out):
                               json.dumps(summary, indent=1) + "\n")
     return summary
 
-def say(text):
-    """print, on rank 0 only under torchrun."""
+def say(text):  # print, on rank 0 only under torchrun
     if real_dllm.world()[0] == 0:
         print(text)
 
@@ -514,7 +508,7 @@ def say(text):
 #    settings, and trainer_state.pt (step, metrics, optimizer, RNG states).
 
 def save_model(policy, path, weights=None):
-    """The model, tokenizer and what --model needs to use them; weights: if sharded."""
+    """The model, tokenizer and what --model needs to use them (weights: if sharded)."""
     settings = dict(response_length=policy.response_length, mask_id=policy.mask_id,
                     shifted_logits=real_dllm.reads_shifted(policy.model))
     if real_dllm.has_lora(policy.model):  # peft saves the adapters only
@@ -522,7 +516,6 @@ def save_model(policy, path, weights=None):
     real_dllm.save_model(path, policy.model, policy.tokenizer, settings, weights)
 
 def save_checkpoint(out, policy, optimizer, state):
-    """out/checkpoint-STEP, atomically; older ones are removed."""
     weights, optimizer_state = real_dllm.full_state(policy.model, optimizer)  # torchrun: gathered
     if real_dllm.world()[0] != 0:
         return
@@ -554,7 +547,7 @@ def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=Non
         old_terms, policy.mask_id, method=method, clip=clip, prompt_mask=batch.prompt_mask,
         mc_batch=mc_batch, merge=merge), policy.model, policy.device)
 
-def flat_grad(model):
+def flat_grad(model):  # every parameter's .grad, as one vector
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 def fixed_batch(policy, cfg, both_signs=False, tries=100):
@@ -581,8 +574,7 @@ def perturb_weights(model, scale, seed):
             p.add_(scale * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
 
 def compare(policy, cfg, sample_counts, repeats=2):
-    """Rows of method x n_t (banner); cfg.perturb moves the model off-policy."""
-    model, batch = policy.model, fixed_batch(policy, cfg)
+    model, batch = policy.model, fixed_batch(policy, cfg)  # the rows: see the banner
     rng = torch.Generator().manual_seed(cfg.seed)
     original = {name: t.clone() for name, t in model.state_dict().items()} if cfg.perturb else None
     rows = []
@@ -616,7 +608,6 @@ def compare(policy, cfg, sample_counts, repeats=2):
     return rows
 
 def bgpo_gradient(policy, batch, masks, weights, old_terms):
-    """The BGPO gradient on the given masks, as one flat vector."""
     measure_loss_call(policy, batch, masks, weights, old_terms, "bgpo")
     grad = flat_grad(policy.model)
     policy.model.zero_grad(set_to_none=True)
@@ -890,7 +881,6 @@ def parse_args(parser, argv):
     return cfg, checkpoint
 
 def read_run(out, given):
-    """run.json's settings and the run's latest checkpoint."""
     try:
         with open(os.path.join(out, "run.json")) as f:
             run = json.load(f)
@@ -906,8 +896,7 @@ def read_run(out, given):
     return {name: v for name, v in run.items() if name in known}, found[-1]
 
 def check_flags(cfg):
-    """Flags that are each fine but do not go together."""
-    training = not (cfg.compare or cfg.grad_stats)
+    training = not (cfg.compare or cfg.grad_stats)  # flags that do not go together
     if training and (len(cfg.sample_counts) > 1 or len(cfg.mc_batches) > 1):
         raise ValueError("--samples and --mc-batch take one number when training "
                          "(lists are for --compare / --grad-stats)")
@@ -957,10 +946,9 @@ def load_policy(cfg, device, checkpoint=None):
                          f"({longest} tokens)")
     real_dllm.check_fits(model, mask_id, prompts.shape[1] + length, padded is not None)
     model = model.to(device).eval()
-    lora_base = saved.get("lora_base")
+    here = os.path.abspath(path) if path and os.path.exists(path) else path
+    lora_base = saved.get("lora_base", here)  # what LoRA adapters adapt (None: the toy)
     if cfg.lora_rank:
-        if not real_dllm.has_lora(model) and path is not None:  # the model the adapters adapt
-            lora_base = os.path.abspath(path) if os.path.exists(path) else path
         with blame(f"--lora-rank {cfg.lora_rank}"
                    + (f" --lora-targets {cfg.lora_targets}" if cfg.lora_targets else "")):
             model = real_dllm.add_lora(model, cfg.lora_rank, cfg.lora_alpha,
@@ -1010,7 +998,6 @@ def check_activation_budget(policy, cfg):
                      + (f"the largest n_t that fits is {most}" if most else "not even n_t = 1 fits"))
 
 def prepare_out(cfg, policy, resuming):
-    """--out: a writable directory with no other run in it; run.json."""
     if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise ValueError(f"--out {cfg.out} already holds a run; use --resume {cfg.out} or "
                          "another --out")
