@@ -662,7 +662,8 @@ def explain(policy, cfg):
         return toy_dllm.show_tokens(policy.tokenizer, batch.prompts[i], batch.responses[i], mask)
 
     for i in range(len(A)):
-        print(f"  y{i + 1:<2} {show(i)}   (truth {truths[i]})   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
+        print(f"  y{i + 1:<2} {show(i)}   (truth {truths[i]})"
+              f"   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
     rule = {"stratified": "L/l", "uniform_t": "(L+1)/l"}[cfg.scheme] + " / L" * cfg.length_norm
@@ -676,7 +677,8 @@ def explain(policy, cfg):
                          policy.mask_id, batch.prompt_mask)                   # (B,), a graph
         g = bgpo_sample_objective(term, old_terms[j], A, n, cfg.clip)        # (B,)
         for i in range(len(A)):
-            print(f"  j={j + 1} y{i + 1:<2} {show(i, masks[j, i])}  masked={int(masks[j, i].sum())} w={weights[j, i]:.3f}"
+            print(f"  j={j + 1} y{i + 1:<2} {show(i, masks[j, i])}"
+                  f"  masked={int(masks[j, i].sum())} w={weights[j, i]:.3f}"
                   f"  l_old={old_terms[j, i]:+.4f}  l={term[i].item():+.4f}"
                   f"  d={term[i].item() - old_terms[j, i]:+.1e}  g={g[i].item():+.4f}  "
                   + ("tangent A(1+d)/n_t" if A[i] >= 0 else "Jensen  A e^d/n_t"))
