@@ -427,7 +427,8 @@ def update(model, optimizer, loss, max_grad_norm=None):
     return True
 
 def evaluate_policy(policy, cfg, n_failures=3):
-    test = policy.task.test  # greedy accuracy and a few failures; torchrun: over all ranks
+    """Greedy test accuracy and a few failures (torchrun: over all ranks)."""
+    test = policy.task.test
     share, batch_size = real_dllm.rank_share(test, 1000)  # torchrun: every W-th problem
     acc, failures = toy_dllm.evaluate(
         policy.model, policy.tokenizer, policy.task, share, policy.mask_id,
@@ -457,6 +458,7 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
 def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
+    """One metrics record, with the test accuracy every cfg.eval_every steps."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
     record = dict(step=step, reward_mean=real_dllm.global_mean(batch.rewards.mean().item()),
@@ -470,6 +472,7 @@ def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
     state.update(step=step, seconds=time.time() - state["started"])
 
 def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
+    """metrics.jsonl after every step; a checkpoint every cfg.save_every steps."""
     if real_dllm.world()[0] == 0:
         toy_dllm.write_atomic(os.path.join(out, "metrics.jsonl"),
                               "".join(json.dumps(m) + "\n" for m in state["metrics"]))
@@ -480,6 +483,7 @@ def save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng):
             sample_rng=real_dllm.all_ranks(sample_rng.get_state())))
 
 def finish(policy, cfg, state, out):
+    """Say the accuracy before and after; write the summary and the model."""
     acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg)
     seconds = time.time() - state["started"]
     say("\n".join(failures + [f"greedy test accuracy: {state['acc_before']:.1%} before RL -> "
@@ -516,6 +520,7 @@ def save_model(policy, path, weights=None):
     real_dllm.save_model(path, policy.model, policy.tokenizer, settings, weights)
 
 def save_checkpoint(out, policy, optimizer, state):
+    """out/checkpoint-STEP, written whole or not at all; older ones are removed."""
     weights, optimizer_state = real_dllm.full_state(policy.model, optimizer)  # torchrun: gathered
     if real_dllm.world()[0] != 0:
         return
@@ -574,7 +579,8 @@ def perturb_weights(model, scale, seed):
             p.add_(scale * p.std() * torch.randn(p.shape, generator=noise_rng).to(p))
 
 def compare(policy, cfg, sample_counts, repeats=2):
-    model, batch = policy.model, fixed_batch(policy, cfg)  # the rows: see the banner
+    """Rows of method x n_t (see the banner); cfg.perturb moves the model off-policy."""
+    model, batch = policy.model, fixed_batch(policy, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
     original = {name: t.clone() for name, t in model.state_dict().items()} if cfg.perturb else None
     rows = []
@@ -898,7 +904,8 @@ def read_run(out, given):
     return {name: v for name, v in run.items() if name in known}, found[-1]
 
 def check_flags(cfg):
-    training = not (cfg.compare or cfg.grad_stats)  # flags that do not go together
+    """Flags that are each fine but do not go together."""
+    training = not (cfg.compare or cfg.grad_stats)
     if training and (len(cfg.sample_counts) > 1 or len(cfg.mc_batches) > 1):
         raise ValueError("--samples and --mc-batch take one number when training "
                          "(lists are for --compare / --grad-stats)")
@@ -1000,6 +1007,7 @@ def check_activation_budget(policy, cfg):
                      + (f"the largest n_t that fits is {most}" if most else "not even n_t = 1 fits"))
 
 def prepare_out(cfg, policy, resuming):
+    """--out: a writable directory with no other run in it; run.json there."""
     if not resuming and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise ValueError(f"--out {cfg.out} already holds a run; use --resume {cfg.out} or "
                          "another --out")
