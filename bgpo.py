@@ -170,36 +170,6 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
                                policy.mask_id, batch.prompt_mask, mc_batch)
     return masks, weights, old_terms
 
-def merge_repeats(masks, weights, old_terms=None):
-    """Equal masks give equal l_j: the sum over n_t samples may run over the
-    distinct masks of each response times their counts (3 tokens have 7).
-    Returns masks, weights, old_terms and counts with n' <= n_t slots; an
-    empty slot has count, weight and old term 0.
-
-    >>> masks = torch.tensor([[[1, 0]], [[0, 1]], [[1, 0]]]).bool()  # (n_t, B, L) = (3, 1, 2)
-    >>> masks, weights, _, counts = merge_repeats(masks, torch.full((3, 1), 2.0))
-    >>> masks.int().tolist(), counts.tolist()
-    ([[[1, 0]], [[0, 1]]], [[2.0], [1.0]])
-    """
-    n, B, L = masks.shape
-    response = torch.arange(B, device=masks.device).expand(n, B)
-    key = torch.cat([response[..., None].to(weights.dtype), weights[..., None],
-                     masks.to(weights.dtype)], -1).flatten(0, 1)         # (n B, L + 2)
-    _, copy_of, copies = key.unique(dim=0, return_inverse=True, return_counts=True)
-    order = torch.arange(n * B, device=masks.device)                     # sample j of i: j B + i
-    first = torch.full_like(copies, n * B).scatter_reduce(0, copy_of, order, "amin")
-    is_first = (first[copy_of] == order).view(n, B)                      # (n, B)
-    j, i = is_first.nonzero(as_tuple=True)
-    slot = is_first.cumsum(0)[j, i] - 1                                  # its place among them
-    index = torch.zeros(int(slot.max()) + 1, B, dtype=torch.long, device=masks.device)
-    index[slot, i] = j                                                   # (n', B); 0: empty
-    counts = torch.zeros(index.shape, dtype=weights.dtype, device=weights.device)
-    counts[slot, i] = copies[copy_of.view(n, B)[j, i]].to(weights.dtype)
-    used = counts > 0
-    masks = masks.gather(0, index[..., None].expand(-1, -1, L))
-    old_terms = None if old_terms is None else old_terms.gather(0, index) * used
-    return masks, weights.gather(0, index) * used, old_terms, counts
-
 # -----------------------------------------------------------------------------
 # 3. The objectives: naive ELBO ratio vs the BGPO lower bound
 #    naive:  R    = exp((1/n_t) sum_j d_j) * A                (one big graph)
@@ -283,6 +253,36 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
         loss = -(coef * counts[s] * terms).mean(-1).sum() / n_t
         loss.backward()
     return -objective.mean().item()
+
+def merge_repeats(masks, weights, old_terms=None):
+    """Equal masks give equal l_j: the sum over n_t samples may run over the
+    distinct masks of each response times their counts (3 tokens have 7).
+    Returns masks, weights, old_terms and counts with n' <= n_t slots; an
+    empty slot has count, weight and old term 0.
+
+    >>> masks = torch.tensor([[[1, 0]], [[0, 1]], [[1, 0]]]).bool()  # (n_t, B, L) = (3, 1, 2)
+    >>> masks, weights, _, counts = merge_repeats(masks, torch.full((3, 1), 2.0))
+    >>> masks.int().tolist(), counts.tolist()
+    ([[[1, 0]], [[0, 1]]], [[2.0], [1.0]])
+    """
+    n, B, L = masks.shape
+    response = torch.arange(B, device=masks.device).expand(n, B)
+    key = torch.cat([response[..., None].to(weights.dtype), weights[..., None],
+                     masks.to(weights.dtype)], -1).flatten(0, 1)         # (n B, L + 2)
+    _, copy_of, copies = key.unique(dim=0, return_inverse=True, return_counts=True)
+    order = torch.arange(n * B, device=masks.device)                     # sample j of i: j B + i
+    first = torch.full_like(copies, n * B).scatter_reduce(0, copy_of, order, "amin")
+    is_first = (first[copy_of] == order).view(n, B)                      # (n, B)
+    j, i = is_first.nonzero(as_tuple=True)
+    slot = is_first.cumsum(0)[j, i] - 1                                  # its place among them
+    index = torch.zeros(int(slot.max()) + 1, B, dtype=torch.long, device=masks.device)
+    index[slot, i] = j                                                   # (n', B); 0: empty
+    counts = torch.zeros(index.shape, dtype=weights.dtype, device=weights.device)
+    counts[slot, i] = copies[copy_of.view(n, B)[j, i]].to(weights.dtype)
+    used = counts > 0
+    masks = masks.gather(0, index[..., None].expand(-1, -1, L))
+    old_terms = None if old_terms is None else old_terms.gather(0, index) * used
+    return masks, weights.gather(0, index) * used, old_terms, counts
 
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
@@ -428,15 +428,15 @@ def update(model, optimizer, loss, max_grad_norm=None):
 
 def evaluate_policy(policy, cfg, n_failures=3):
     """Greedy test accuracy and a few failures (torchrun: over all ranks)."""
-    test = policy.task.test
+    test, size = policy.task.test, real_dllm.world()[1]
     share, batch_size = real_dllm.rank_share(test, 1000)  # torchrun: every W-th problem
     acc, failures = toy_dllm.evaluate(
         policy.model, policy.tokenizer, policy.task, share, policy.mask_id,
         policy.response_length, batch_size=batch_size, n_failures=n_failures,
         block_length=cfg.block_length, steps=cfg.sampler_steps)
-    if real_dllm.world()[1] == 1:
+    if size == 1:
         return acc, failures
-    return real_dllm.global_mean(acc * len(share)) * real_dllm.world()[1] / len(test), failures
+    return real_dllm.global_mean(acc * len(share)) * size / len(test), failures
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     """The loop's state: fresh (with the accuracy before RL), or as saved."""
@@ -895,7 +895,7 @@ def read_run(out, given):
     except (OSError, ValueError):
         run = None
     found = real_dllm.checkpoints(out)
-    if not found or not isinstance(run, dict) or not {"samples", "method", "seed"} <= set(run):
+    if not found or not isinstance(run, dict) or not {"samples", "method", "steps", "seed"} <= set(run):
         raise ValueError(f"--resume {out}: no run of this program with a checkpoint there")
     if run.get("trust_remote_code") and "trust_remote_code" not in given:
         raise ValueError(f"--resume {out}: its model ships code of its own; "
@@ -953,7 +953,7 @@ def load_policy(cfg, device, checkpoint=None):
     if length < longest:
         raise ValueError(f"--response-length {length} is shorter than the longest answer "
                          f"({longest} tokens)")
-    real_dllm.check_fits(model, mask_id, prompts.shape[1] + length, padded is not None)
+    real_dllm.check_fits(model, tokenizer, mask_id, prompts.shape[1] + length, padded is not None)
     model = model.to(device).eval()
     here = os.path.abspath(path) if path and os.path.exists(path) else path
     lora_base = saved.get("lora_base", here)  # what LoRA adapters adapt (None: the toy)

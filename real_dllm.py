@@ -195,11 +195,12 @@ def load_trainer_state(checkpoint, device):
                          f"it with torchrun --nproc_per_node {state['world_size']}")
     return state
 
-def check_fits(model, mask_id, n_tokens, padded):
-    """ValueError unless mask_id is in the model's vocabulary and n_tokens fit
-    its positions; a note if padded prompts will be read as tokens."""
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and not 0 <= mask_id < vocab:
+def check_fits(model, tokenizer, mask_id, n_tokens, padded):
+    """ValueError unless mask_id is in the model's vocabulary (the tokenizer's
+    if the config names none) and n_tokens fit its positions; a note if padded
+    prompts will be read as tokens."""
+    vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+    if not 0 <= mask_id < vocab:
         raise ValueError(f"--mask-id {mask_id} is outside the model's vocabulary of {vocab}")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and n_tokens > positions:

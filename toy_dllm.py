@@ -431,12 +431,14 @@ def save_dir_atomic(path, save, replace=True):
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         save(tmp)
-        if replace and os.path.isdir(path):
+        if os.path.isdir(path):
+            if not replace:
+                return
             shutil.rmtree(path)
         try:
             os.rename(tmp, path)
-        except OSError:  # with replace=False: path is there, saved by another process
-            if replace or not os.path.isdir(path):
+        except OSError:
+            if replace or not os.path.isdir(path):  # kept: saved first by another process
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
