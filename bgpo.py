@@ -916,7 +916,7 @@ def check_flags(cfg):
         raise ValueError("--save-every needs --out")
     if cfg.lora_rank is None and (cfg.lora_alpha is not None or cfg.lora_targets):
         raise ValueError("--lora-alpha and --lora-targets need --lora-rank")
-    size = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started
+    size = real_dllm.torchrun_processes()
     if size > 1 and (cfg.compare or cfg.grad_stats or cfg.explain or cfg.lora_rank
                      or cfg.activation_budget):
         raise ValueError("--compare, --grad-stats, --explain, --lora-rank and "

@@ -343,8 +343,9 @@ def world():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-def launched_by_torchrun():
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def torchrun_processes():
+    """Processes torchrun started (1 without it), known before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 def start(name="auto"):
     """(device, joined): "cpu", "cuda" or "auto"; under torchrun this rank's
@@ -352,7 +353,7 @@ def start(name="auto"):
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
     device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if not launched_by_torchrun():
+    if torchrun_processes() == 1:
         return device, False
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
