@@ -972,8 +972,9 @@ def load_policy(cfg, device, checkpoint=None):
 def load_model(cfg, path, saved):
     """(model, tokenizer) of path (None: the toy); LoRA adapters on their base."""
     if path is None:
-        return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
-                                   response_length=cfg.response_length)[:2]
+        with real_dllm.rank_zero_first():  # torchrun: rank 0 trains the warm start, the rest load it
+            return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
+                                       response_length=cfg.response_length)[:2]
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = saved.get("lora_base")
         with blame(f"its base model {base}"):

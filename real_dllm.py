@@ -8,6 +8,7 @@ code shipped for transformers 4.x, adjusted for 5.x. It imports no project
 module, and raises ValueError for what cannot be used.
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -365,6 +366,19 @@ def start(name="auto"):
 
 def stop():
     dist.destroy_process_group()
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block while the other ranks wait, then they run it (the
+    toy's warm start: rank 0 trains and caches it, the others load it)."""
+    rank, size = world()
+    if rank > 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if size > 1 and rank == 0:
+            dist.barrier()
 
 def shard(model):
     """FSDP2: each block of the longest layer list, then the rest (tied weights too)."""

@@ -20,16 +20,19 @@ a stock tokenizer, so code written against them runs on any masked LM that
 reads its inputs the same way (forward_logits; real_dllm.py adapts others).
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig,
                           BertForMaskedLM, PreTrainedTokenizerFast)
@@ -347,19 +350,23 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
 def warm_start_path(settings):
     """The cache directory of these settings, under $BGPO_CACHE or ~/.cache/bgpo."""
     cache = os.environ.get("BGPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bgpo")
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache, f"warm-start-{key}")
+    key = hashlib.sha256(json.dumps(cache_key(settings), sort_keys=True).encode()).hexdigest()
+    return os.path.join(cache, f"warm-start-{key[:12]}")
+
+def cache_key(settings):  # not the thread count, whose float rounding the first trained keeps
+    return dict(settings, torch=torch.__version__)
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
-             target_accuracy=None, eval_every=10, n_val=500, length=None):
+             target_accuracy=None, eval_every=10, n_val=500, length=None, progress=False):
     """diffusion_loss training for max_steps, or until greedy accuracy on n_val
-    held-out train problems reaches target_accuracy; returns the steps taken."""
+    held-out train problems reaches target_accuracy (a bar if progress); returns the steps."""
     length = task.answer_length if length is None else length
     g = torch.Generator().manual_seed(seed)
     val, train = task.train[:n_val], task.train[n_val:]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     mask_id = tokenizer.mask_token_id
-    for step in range(1, max_steps + 1):
+    bar = tqdm(range(1, max_steps + 1), desc="warm start", disable=not progress, leave=False)
+    for step in bar:
         model.train()
         problems = train[torch.randint(len(train), (batch_size,), generator=g)]  # (B, 2)
         prompts = encode_prompts(tokenizer, task.prompts(problems))          # (B, Lp)
@@ -372,14 +379,18 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
         opt.step()
         if target_accuracy is not None and step % eval_every == 0:
             model.eval()
-            if evaluate(model, tokenizer, task, val, length=length)[0] >= target_accuracy:
+            acc = evaluate(model, tokenizer, task, val, length=length)[0]
+            bar.set_postfix(acc=f"{acc:.2f}", target=target_accuracy)
+            if acc >= target_accuracy:
                 break
+    bar.close()
     model.eval()
     return step
 
 def warm_start(verbose=True, **overrides):
     """(model, tokenizer, task, settings) of WARM_START with overrides, from the
-    cache, or trained (seconds) and cached."""
+    cache, or trained (seconds; a bar if verbose) and cached, one process at a
+    time; a damaged entry is trained again."""
     settings = {**WARM_START, **overrides}
     unknown = set(settings) - set(WARM_START)
     if unknown:
@@ -392,29 +403,63 @@ def warm_start(verbose=True, **overrides):
     if length == task.answer_length:  # one cache entry for the answer's own length
         settings["response_length"] = None
     path = warm_start_path(settings)
-    if os.path.isdir(path):
-        model = AutoModelForMaskedLM.from_pretrained(path).eval()
-        return model, AutoTokenizer.from_pretrained(path), task, settings
-    t0 = time.time()
-    tokenizer = build_tokenizer()
-    network = {key: settings[key] for key in ("hidden_size", "num_layers", "num_heads",
-                                              "intermediate_size")}
-    model = build_model(tokenizer, 2 * task.n_digits + 2 + length, settings["seed"], **network)
-    steps = pretrain(model, tokenizer, task, settings["max_steps"], settings["batch_size"],
-                     settings["lr"], settings["seed"], settings["target_accuracy"],
-                     settings["eval_every"], length=length)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with cache_lock(os.path.dirname(path)):  # concurrent cold starts: one trains, the others wait, then load
+        cached = load_cached(path, cache_key(settings))
+        if cached:
+            return (*cached, task, settings)
+        t0 = time.time()
+        tokenizer = build_tokenizer()
+        network = {key: settings[key] for key in ("hidden_size", "num_layers", "num_heads",
+                                                  "intermediate_size")}
+        model = build_model(tokenizer, 2 * task.n_digits + 2 + length, settings["seed"], **network)
+        steps = pretrain(model, tokenizer, task, settings["max_steps"], settings["batch_size"],
+                         settings["lr"], settings["seed"], settings["target_accuracy"],
+                         settings["eval_every"], length=length, progress=verbose)
 
-    def save(tmp):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "warm_start.json"), "w") as f:
-            json.dump(settings, f, indent=1)
+        def save(tmp):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "warm_start.json"), "w") as f:
+                json.dump(cache_key(settings), f, indent=1)
 
-    save_dir_atomic(path, save, replace=False)  # another process may have saved it first
+        save_dir_atomic(path, save, replace=False)  # kept if another process saved it first
     if verbose:
-        print(f"warm start: {steps} steps in {time.time() - t0:.1f}s, cached at {path}")
+        print(f"warm start: {steps} steps in {time.time() - t0:.1f}s, cached at {path}",
+              file=sys.stderr)
     return model, tokenizer, task, settings
+
+@contextlib.contextmanager
+def cache_lock(cache):
+    """The cache directory, made, checked writable and locked (its .lock file)."""
+    try:
+        os.makedirs(cache, exist_ok=True)
+        lock = open(os.path.join(cache, ".lock"), "a")
+    except OSError as e:
+        raise ValueError(f"warm-start cache {cache} is not a writable directory "
+                         f"({e.strerror or e}); point $BGPO_CACHE at one") from e
+    with lock:  # closing it unlocks
+        if os.name != "nt":  # Windows has no fcntl: each process trains, the first saved is kept
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+def load_cached(path, key):
+    """(model, tokenizer) at path, or None: none there, or damaged (then removed)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(os.path.join(path, "warm_start.json")) as f:
+            if json.load(f) != key:
+                raise ValueError("its warm_start.json names other settings")
+        return AutoModelForMaskedLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a missing or truncated file, a foreign directory: many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"warm start: the cache entry {path} is damaged ({reason}); training it again",
+              file=sys.stderr)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 # -----------------------------------------------------------------------------
 # 8. Saving without half-written files
@@ -427,10 +472,13 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 def save_dir_atomic(path, save, replace=True):
-    """save(tmp_dir), then rename it to path, replacing it (replace=False: kept)."""
+    """save(tmp_dir), which must write a model's weights (under torchrun, save_pretrained
+    writes none but on rank 0), then rename it to path, replacing it (replace=False: kept)."""
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         save(tmp)
+        if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(tmp)):
+            raise RuntimeError(f"nothing wrote a model's weights for {path}")
         if os.path.isdir(path):
             if not replace:
                 return

@@ -39,7 +39,8 @@ def warm(fresh_cache, tmp_path_factory, request):
     if any(item.module.__name__ == "test_scale_out" for item in request.session.items):
         import distributed_check
         out = tmp_path_factory.mktemp("torchrun")
-        BACKGROUND["torchrun"] = (out, distributed_check.fork_workers(str(out)))
+        BACKGROUND["torchrun"] = (out, distributed_check.fork_workers(
+            str(out), toy_dllm.warm_start_path(result[3])))
     return result
 
 

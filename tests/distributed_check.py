@@ -1,6 +1,6 @@
 """The two-process checks of test_scale_out.py (gloo, CPU): FSDP2 gradients
-against one process's, a bad flag, and a short
-run saved and resumed. Rank 0 writes what it found to OUT/result.json.
+against one process's, a bad flag, a short
+run saved and resumed, and a warm start on a cold cache. Rank 0 writes what it found to OUT/result.json.
 
 test_scale_out.py forks two processes with the environment torchrun gives
 them (RANK, WORLD_SIZE, MASTER_ADDR, ...), which spares each a fresh import
@@ -23,11 +23,11 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.dirname(os.path.abspath(__file__))]
 import bgpo  # noqa: E402
 import real_dllm  # noqa: E402
-from conftest import random_batch, tiny_model  # noqa: E402
+from conftest import TINY_WARM_START, random_batch, tiny_model  # noqa: E402
 import toy_dllm  # noqa: E402
 
 
-def check(out):
+def check(out, warm=None):
     started = time.time()
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -80,10 +80,9 @@ def check(out):
     result["seconds"]["bad_flag"] = round(time.time() - started, 1)
     # 3. A short run with a checkpoint at step 2; the same run cut there and resumed
     # on the warm start as a saved model, so that 100 test problems do without a new warm start
-    if rank == 0:
-        toy_dllm.warm_start(verbose=False)  # cached by now under the test session
-    dist.barrier()
-    warm = toy_dllm.warm_start_path(dict(toy_dllm.WARM_START))
+    if warm is None:  # by hand: rank 0 trains it (in a private cache), the other loads it
+        with real_dllm.rank_zero_first():
+            warm = toy_dllm.warm_start_path(toy_dllm.warm_start(verbose=False)[3])
     args = ["--model", warm, "--response-length", "3", "--test-size", "100", "--steps", "3",
             "--prompts", "4", "--group", "4",
             "--samples", "2", "--save-every", "2"]
@@ -102,6 +101,19 @@ def check(out):
     assert quiet_main(["--resume", os.path.join(out, "cut")]) == (0, "")
 
     result["seconds"]["resumed"] = round(time.time() - started, 1)
+    # 4. A cold cache (a tiny warm start): rank 0 trains and saves it, the other
+    # loads it, as bgpo.py loads the toy; rank 1 arrives first, as it may
+    os.environ["BGPO_CACHE"] = os.path.join(out, "cold-cache")
+    toy_dllm.WARM_START = {**toy_dllm.WARM_START, **TINY_WARM_START}
+    if rank == 0:
+        time.sleep(1)
+    cfg, _ = bgpo.parse_args(bgpo.build_parser(), ["--test-size", "200"])
+    weights = torch.cat([p.detach().flatten() for p in bgpo.load_policy(cfg, torch.device("cpu"))
+                         .model.parameters()])
+    every = [None] * size
+    dist.all_gather_object(every, weights)
+    result["cold_cache_same_weights"] = all(torch.equal(w, every[0]) for w in every)
+    result["seconds"]["cold_cache"] = round(time.time() - started, 1)
     if rank == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
@@ -121,29 +133,31 @@ def quiet_main(argv):
                            if line.startswith("bgpo.py"))
 
 
-def fork_workers(out, size=2):
-    """Start `check` in `size` forked processes with torchrun's environment:
-    returns them, running."""
+def fork_workers(out, warm, size=2):
+    """Start `check` in `size` forked processes with torchrun's environment,
+    on the saved warm start `warm`: returns them, running."""
     import socket
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     fork = torch.multiprocessing.get_context("fork")
-    procs = [fork.Process(target=_worker, args=(rank, size, port, out)) for rank in range(size)]
+    procs = [fork.Process(target=_worker, args=(rank, size, port, out, warm)) for rank in range(size)]
     for p in procs:
         p.start()
     return procs
 
 
-def _worker(rank, size, port, out):
+def _worker(rank, size, port, out, warm):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    with open(os.path.join(out, f"rank{rank}.log"), "w") as log:
+    with open(os.path.join(out, f"rank{rank}.log"), "w", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-        check(out)
+        sys.stdout = sys.stderr = log  # not the streams the test session captures
+        check(out, warm)
 
 
 if __name__ == "__main__":
+    os.environ["BGPO_CACHE"] = os.path.join(sys.argv[1], "cache")  # not the user's own
     check(sys.argv[1])

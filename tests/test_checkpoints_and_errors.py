@@ -85,6 +85,18 @@ def assert_clean_error(status, err, *words):
         assert w in err
 
 
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_an_unusable_warm_start_cache_is_one_line_before_training(where, tmp_path, monkeypatch,
+                                                                  capsys):
+    (tmp_path / "notadir").write_text("")
+    cache = tmp_path / "notadir" / ("sub" if where == "below a file" else "")
+    monkeypatch.setenv("BGPO_CACHE", str(cache).rstrip("/"))
+    monkeypatch.setattr(bgpo.toy_dllm, "pretrain", lambda *a, **k: pytest.fail("trained first"))
+    status, err = run(TINY + ["--out", str(tmp_path / "run")], capsys)
+    assert_clean_error(status, err, str(cache).rstrip("/"), "not a writable directory", "BGPO_CACHE")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_model_path(tmp_path, capsys):
     out = tmp_path / "run"
     status, err = run(TINY + ["--model", str(tmp_path / "nope"), "--out", str(out)], capsys)

@@ -2,12 +2,14 @@
 in two processes forked with the environment torchrun gives its workers,
 started in the background once the warm start is cached (conftest.warm)."""
 import json
+import os
 
 import pytest
 import torch
 
 import bgpo
-from conftest import BACKGROUND
+import toy_dllm
+from conftest import BACKGROUND, TINY_WARM_START
 from test_checkpoints_and_errors import assert_clean_error
 from test_rl import read_metrics, run
 
@@ -53,3 +55,19 @@ def test_torchrun_run_saves_on_rank_0_and_resumes_exactly(torchrun_result, tmp_p
     status, err = run(["--resume", str(cut), "--steps", "4"], capsys)  # one process now
     assert_clean_error(status, err, "saved by 2 process", "--nproc_per_node 2")
 
+
+
+def test_cold_cache_under_torchrun_is_trained_on_rank_0_and_loads_in_one_process(
+        torchrun_result, monkeypatch, capsys):
+    """A torchrun run on an empty cache once poisoned it: rank 1, whose
+    save_pretrained writes nothing, renamed a model without weights into place."""
+    out, result = torchrun_result
+    assert result["cold_cache_same_weights"]
+    assert "cached at" in (out / "rank0.log").read_text()
+    assert "cached at" not in (out / "rank1.log").read_text()
+    monkeypatch.setenv("BGPO_CACHE", str(out / "cold-cache"))
+    monkeypatch.setattr(toy_dllm, "WARM_START", {**toy_dllm.WARM_START, **TINY_WARM_START})
+    monkeypatch.setattr(toy_dllm, "pretrain", lambda *a, **k: pytest.fail("trained again"))
+    status, err = run(["--explain", "--test-size", "200"], capsys)
+    assert status == 0 and "damaged" not in err, err
+    assert len([n for n in os.listdir(out / "cold-cache") if not n.startswith(".")]) == 1

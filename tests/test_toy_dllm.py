@@ -1,4 +1,7 @@
 """The tiny masked-diffusion LM: task, tokenizer, masking, loss, sampler, warm start."""
+import contextlib
+import os
+import shutil
 import types
 
 import pytest
@@ -224,10 +227,91 @@ def test_warm_start_lands_in_its_accuracy_window(warm):
     acc, failures = toy_dllm.evaluate(model, tokenizer, task, task.test, n_failures=3)
     assert 0.20 <= acc <= 0.50
     assert len(failures) == 3 and all(f.startswith("model says ") for f in failures)
-    # a second call reuses the cached checkpoint instead of training again
+
+
+def test_second_warm_start_call_loads_the_cache_and_trains_nothing(warm, monkeypatch):
+    """Guards the cache lookup: with it gone, the second call would train again
+    (deterministically, so equal logits alone could not tell)."""
+    model = warm[0]
+    monkeypatch.setattr(toy_dllm, "pretrain", lambda *a, **k: pytest.fail("trained again"))
     again, _, _, _ = toy_dllm.warm_start()
     ids = torch.tensor([[3, 7, 10, 4, 8, 11, 13, 13, 13]])
     assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+TINIEST = dict(TINY_WARM_START, max_steps=2)  # a warm start of 2 steps: the cache's plumbing
+
+
+def weights_of(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("damage", ["no weights", "truncated config", "foreign directory", "a file"])
+def test_a_damaged_warm_start_entry_is_trained_again_in_one_line(damage, tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setenv("BGPO_CACHE", str(tmp_path))
+    model, _, _, settings = toy_dllm.warm_start(verbose=False, **TINIEST)
+    path = toy_dllm.warm_start_path(settings)
+    if damage == "no weights":
+        os.remove(os.path.join(path, "model.safetensors"))
+    elif damage == "truncated config":
+        text = open(os.path.join(path, "config.json")).read()
+        open(os.path.join(path, "config.json"), "w").write(text[:40])
+    else:
+        shutil.rmtree(path)
+        if damage == "a file":
+            open(path, "w").write("not a model")
+        else:
+            os.makedirs(path)
+            open(os.path.join(path, "notes.txt"), "w").write("someone else's")
+    capsys.readouterr()
+    again = toy_dllm.warm_start(verbose=False, **TINIEST)[0]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and path in err and "damaged" in err and "training it again" in err
+    assert torch.equal(weights_of(again), weights_of(model))
+    toy_dllm.warm_start(verbose=False, **TINIEST)  # now whole: loaded without a word
+    assert capsys.readouterr().err == ""
+    assert sorted(os.listdir(tmp_path)) == [".lock", os.path.basename(path)]
+
+
+def _cold_start(rank, log):
+    torch.set_num_threads(1)
+    with open(log, "w") as f, contextlib.redirect_stderr(f):
+        model = toy_dllm.warm_start(verbose=True, **TINIEST)[0]
+        torch.save(weights_of(model), log + ".pt")
+
+
+def test_concurrent_cold_starts_train_once_and_leave_one_good_entry(tmp_path, monkeypatch):
+    """Three processes at once on an empty cache (five seeds started together,
+    say): one trains, the others wait for its lock and load what it saved."""
+    monkeypatch.setenv("BGPO_CACHE", str(tmp_path / "cache"))
+    fork = torch.multiprocessing.get_context("fork")
+    logs = [str(tmp_path / f"p{i}.log") for i in range(3)]
+    procs = [fork.Process(target=_cold_start, args=(i, log)) for i, log in enumerate(logs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0], [open(log).read() for log in logs]
+    said = [open(log).read() for log in logs]
+    assert sum("cached at" in s for s in said) == 1 and not any("damaged" in s for s in said)
+    weights = [torch.load(log + ".pt") for log in logs]
+    assert all(torch.equal(w, weights[0]) for w in weights)
+    entries = [n for n in os.listdir(tmp_path / "cache") if not n.startswith(".")]
+    assert len(entries) == 1
+    monkeypatch.setattr(toy_dllm, "pretrain", lambda *a, **k: pytest.fail("trained again"))
+    assert torch.equal(weights_of(toy_dllm.warm_start(verbose=False, **TINIEST)[0]), weights[0])
+
+
+def test_a_save_without_weights_is_never_renamed_into_place(tmp_path):
+    """What rank 1 of a torchrun run saved before (save_pretrained writes no
+    weights there): an error, and nothing at the path."""
+    with pytest.raises(RuntimeError, match="weights"):
+        toy_dllm.save_dir_atomic(str(tmp_path / "entry"),
+                                 lambda tmp: open(os.path.join(tmp, "tokenizer.json"), "w").close())
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("kwargs,name", [
