@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 
@@ -7,19 +8,35 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
-# model code shipped with test checkpoints is copied and imported from here
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="bgpo-test-modules-"))
+# Forced for the test session, whatever the user exported, and put back after
+# it (pytest_unconfigure): nothing is downloaded, and model code shipped with
+# test checkpoints is copied and imported from a directory of the session's
+# own. Both are read when transformers is imported, so they are set first.
+MODULES = tempfile.mkdtemp(prefix="bgpo-test-modules-")
+USER_ENV = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
+os.environ.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=MODULES)
 
 import toy_dllm  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    for name, value in USER_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(MODULES, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def fresh_cache(tmp_path_factory):
     """A cache of its own for this test session: the warm start is trained
-    here from its seed once, then reused by every test that needs it."""
+    here from its seed once, then reused by every test that needs it.
+    $BGPO_TEST_CACHE names one to share between sessions instead (the
+    mutation script's runs)."""
     old = os.environ.get("BGPO_CACHE")
-    os.environ["BGPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["BGPO_CACHE"] = os.environ.get("BGPO_TEST_CACHE") or str(
+        tmp_path_factory.mktemp("cache"))
     yield
     if old is None:
         del os.environ["BGPO_CACHE"]

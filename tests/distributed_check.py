@@ -137,7 +137,10 @@ def fork_workers(out, warm, size=2):
     """Start `check` in `size` forked processes with torchrun's environment,
     on the saved warm start `warm`: returns them, running."""
     import socket
-    with socket.socket() as s:  # a free port for the rendezvous
+    # A free port for the rendezvous. It is free again before the workers bind
+    # it, so another process could take it first: a race accepted here (the
+    # tests would fail, not hang), as torchrun's own --standalone accepts it.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     fork = torch.multiprocessing.get_context("fork")

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
 import bgpo
 import real_dllm
-from test_rl import SMALL, read_metrics, run
+from test_rl import SMALL, assert_same_final_state, read_metrics, run
 
 TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2", "--test-size", "20"]
 
@@ -168,6 +168,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(warm, tmp_path, capsy
     for key in ("acc_before", "acc_after", "peak_activation_bytes", "skipped_updates"):
         assert whole[key] == cut[key]
     assert [p.name for p in bgpo_checkpoints(tmp_path / "cut")] == ["checkpoint-4"]
+    assert_same_final_state(tmp_path / "cut", tmp_path / "whole")  # caught: no optimizer state
 
 
 def bgpo_checkpoints(out):
@@ -230,26 +231,44 @@ def test_skipped_update_leaves_weights_and_optimizer_untouched(warm, monkeypatch
     assert not optimizer.state
 
 
-@pytest.fixture(scope="module")
-def real_processes(warm, tmp_path_factory):
+def start_real_processes(directory):
     """`python bgpo.py` as a user runs it, two at once (most of their time is
     Python importing torch and transformers): a command-line error, and
-    `python bgpo.py --compare ... | head -1`, whose reader goes away early."""
+    `python bgpo.py --explain | head -c 20` through a pipe of one page, which
+    its 3.6 KB fill: a write comes after head has left, and must fail."""
+    import fcntl
     cwd = os.path.dirname(bgpo.__file__)
-    missing = tmp_path_factory.mktemp("cli") / "missing"
-    error = subprocess.Popen([sys.executable, "bgpo.py", "--model", str(missing)],
+    error = subprocess.Popen([sys.executable, "bgpo.py", "--model", str(directory / "missing")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
-    piped = subprocess.Popen([sys.executable, "bgpo.py", "--compare", "--samples", "1,2",
-                              "--prompts", "2", "--group", "2", "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
-    piped.stdout.close()  # nobody reads what it prints
-    return {"error": error, "piped": piped}
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: the smallest pipe Linux allows
+    into_head = subprocess.Popen([sys.executable, "bgpo.py", "--explain"], stdout=write_end,
+                                 stderr=subprocess.PIPE, cwd=cwd)
+    head = subprocess.Popen(["head", "-c", "20"], stdin=read_end, stdout=subprocess.PIPE)
+    os.close(read_end)  # only the two processes hold the pipe now
+    os.close(write_end)
+    return {"error": error, "into_head": into_head, "head": head}
+
+
+@pytest.fixture(scope="module")
+def real_processes(warm, tmp_path_factory):
+    return start_real_processes(tmp_path_factory.mktemp("cli"))
+
+
+def finished(proc, timeout=300):
+    """proc.communicate(), ended (and the test failed) if it hangs."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args} did not end in {timeout} s")
 
 
 def test_command_line_error_has_no_traceback(real_processes):
     """The real process: one line on stderr, exit status 2."""
     proc = real_processes["error"]
-    _, stderr = proc.communicate()
+    _, stderr = finished(proc)
     assert proc.returncode == 2
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
@@ -267,10 +286,14 @@ def test_resume_on_another_kind_of_device_is_refused(saved_run, tmp_path, capsys
 
 
 def test_output_piped_into_head_ends_without_traceback(real_processes):
-    proc = real_processes["piped"]
-    err = proc.stderr.read().decode()
-    proc.wait()
-    assert "Traceback" not in err
+    """`python bgpo.py --explain | head -c 20`: the first bytes arrive, and the
+    program ends quietly with 1 once head has left (caught: no BrokenPipeError
+    handler)."""
+    first, _ = finished(real_processes["head"])
+    _, err = finished(real_processes["into_head"])
+    assert first.decode() == "One BGPO step: 2 pro"
+    assert real_processes["into_head"].returncode == 1
+    assert "Traceback" not in err.decode() and "Exception" not in err.decode(), err.decode()
 
 
 @pytest.mark.parametrize("damage", ["trainer_state", "model_file", "run_json_not_json",
@@ -306,16 +329,22 @@ def test_saved_model_loads_back_with_model_flag_alone(saved_run, capsys):
 
 def make_remote_code_checkpoint(path, trace):
     """A masked LM whose code ships with the checkpoint (an `auto_map` in its
-    config) and that writes `trace` when that code is imported."""
+    config): both of its modules, configuration and modeling, add a line to
+    `trace` when imported and when one of their classes is built."""
     make_bert_checkpoint(path)
+    announce = ("import pathlib\n\n\ndef announce(what):\n"
+                f"    with open({str(trace)!r}, 'a') as f:\n        f.write(what + '\\n')\n\n\n")
     (path / "configuration_tracer.py").write_text(
-        "from transformers import BertConfig\n\n\n"
-        "class TracerConfig(BertConfig):\n    model_type = 'tracer'\n")
+        announce + "announce('configuration imported')\nfrom transformers import BertConfig\n\n\n"
+        "class TracerConfig(BertConfig):\n    model_type = 'tracer'\n\n"
+        "    def __init__(self, **kwargs):\n        announce('configuration built')\n"
+        "        super().__init__(**kwargs)\n")
     (path / "modeling_tracer.py").write_text(
-        f"import pathlib\npathlib.Path({str(trace)!r}).write_text('ran')\n"
-        "from transformers import BertForMaskedLM\n"
+        announce + "announce('modeling imported')\nfrom transformers import BertForMaskedLM\n"
         "from .configuration_tracer import TracerConfig\n\n\n"
-        "class TracerForMaskedLM(BertForMaskedLM):\n    config_class = TracerConfig\n")
+        "class TracerForMaskedLM(BertForMaskedLM):\n    config_class = TracerConfig\n\n"
+        "    def __init__(self, config):\n        announce('model built')\n"
+        "        super().__init__(config)\n")
     config = json.loads((path / "config.json").read_text())
     config.update(model_type="tracer", architectures=["TracerForMaskedLM"], auto_map={
         "AutoConfig": "configuration_tracer.TracerConfig",
@@ -324,6 +353,9 @@ def make_remote_code_checkpoint(path, trace):
 
 
 def test_shipped_code_runs_only_with_trust_remote_code_typed(tmp_path, capsys):
+    """Guards consent: no line of the checkpoint's code, its configuration
+    module included, runs unless --trust-remote-code is on the command line
+    (caught: the config loaded with trust_remote_code=True regardless)."""
     trace = tmp_path / "trace"
     make_remote_code_checkpoint(tmp_path / "tracer", trace)
     out = tmp_path / "run"
@@ -332,7 +364,9 @@ def test_shipped_code_runs_only_with_trust_remote_code_typed(tmp_path, capsys):
     status, err = run(TINY + ["--model", str(tmp_path / "tracer"), "--trust-remote-code",
                               "--save-every", "1", "--out", str(out)], capsys)
     assert status == 0, err
-    assert trace.exists() and (out / "checkpoint-2" / "modeling_tracer.py").exists()
+    ran = trace.read_text()
+    assert "configuration imported" in ran and "configuration built" in ran and "model built" in ran
+    assert (out / "checkpoint-2" / "modeling_tracer.py").exists()
     trace.unlink()
     before = snapshot(out)
     status, err = run(["--resume", str(out), "--steps", "3"], capsys)

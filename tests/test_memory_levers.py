@@ -12,7 +12,7 @@ import real_dllm
 from conftest import random_batch, tiny_model
 from test_checkpoints_and_errors import assert_clean_error, saved_run  # noqa: F401 (fixture)
 from test_objectives import assert_equivalent_on_policy_bounded_off
-from test_rl import SMALL, read_metrics, run, toy_policy
+from test_rl import SMALL, assert_same_final_state, read_metrics, run, toy_policy
 
 MASK = 13
 
@@ -77,6 +77,17 @@ def test_lora_on_a_saved_toy_model_trains_adapters_only_and_resumes_exactly(save
     status, err = run(["--resume", str(cut)], capsys)
     assert status == 0, err
     assert read_metrics(cut) == read_metrics(tmp_path / "whole")
+    assert_same_final_state(cut, tmp_path / "whole")
+    # what a user reloads: the resumed run's adapters name the true base (caught:
+    # lora_base taken from the checkpoint resumed), and give the same logits
+    assert json.load(open(cut / "model" / "bgpo.json"))["lora_base"] == str(base.resolve())
+    logits = []
+    for out in (tmp_path / "whole", cut):
+        cfg, _ = bgpo.parse_args(bgpo.build_parser(), ["--model", str(out / "model")])
+        reloaded = bgpo.load_policy(cfg, torch.device("cpu"))
+        logits.append(reloaded.model(input_ids=torch.tensor([[3, 7, 10, 4, 8, 11, 13, 13, 13]]))
+                      .logits)
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_gradient_checkpointing_keeps_the_gradient_and_cuts_activations(warm):

@@ -130,11 +130,26 @@ def test_repeated_masks_are_computed_once_with_the_same_gradient(model64, method
     assert counter.calls == passes * max(distinct)            # one forward per sample slot
 
 
-def test_on_policy_value_is_minus_mean_advantage(model64):
-    batch = make_batch()
+def test_loss_value_on_policy_is_minus_mean_advantage_and_off_policy_the_objective(model64):
+    """The value a loss call returns. On-policy it is -mean(A) whatever the
+    model (R = R_lb = A): a value and sign check, with advantages whose mean
+    is not 0. Off-policy it depends on the model: -(1/B) sum_i R_i, or R_lb,i
+    for bgpo, rebuilt from the ELBO terms the obvious way."""
+    prompts, responses, _ = make_batch()
+    adv = torch.linspace(-1.5, 1, 12, dtype=torch.float64)            # mean -0.25
+    batch = (prompts, responses, adv)
     masks, weights, old = masks_and_old_terms(model64, batch, 4)
-    value, _ = grads_of(model64, "bgpo", batch, masks, weights, old)
-    assert value == pytest.approx(-batch[2].mean().item(), abs=1e-12)
+    for method in bgpo.METHODS:
+        assert grads_of(model64, method, batch, masks, weights, old)[0] == pytest.approx(0.25)
+    perturb(model64, 0.05)
+    with torch.no_grad():
+        d = bgpo.elbo_terms(model64, prompts, responses, masks, weights, MASK) - old  # (n_t, B)
+    R = adv * d.mean(0).exp()
+    R_lb = torch.where(adv >= 0, adv * (1 + d), adv * d.exp()).mean(0)
+    assert (R - R_lb).abs().max() > 1e-6                               # the model moved them apart
+    for method, objective in (("naive", R), ("two_pass", R), ("bgpo", R_lb)):
+        value, _ = grads_of(model64, method, batch, masks, weights, old)
+        assert value == pytest.approx(-objective.mean().item(), rel=1e-9)
 
 
 def test_all_zero_advantages_give_zero_gradient(model64):

@@ -11,7 +11,7 @@ import bgpo
 import toy_dllm
 from conftest import BACKGROUND, TINY_WARM_START
 from test_checkpoints_and_errors import assert_clean_error
-from test_rl import read_metrics, run
+from test_rl import assert_same_final_state, read_metrics, run
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,10 @@ def torchrun_result(warm):
     out, procs = BACKGROUND["torchrun"]
     for p in procs:
         p.join(timeout=300)
+    for p in procs:
+        if p.is_alive():  # hung: ended here, not left behind
+            p.kill()
+            p.join()
     logs = "".join((out / f"rank{r}.log").read_text()[-2000:] for r in range(2))
     assert all(p.exitcode == 0 for p in procs), logs
     return out, json.load(open(out / "result.json"))
@@ -47,6 +51,7 @@ def test_torchrun_run_saves_on_rank_0_and_resumes_exactly(torchrun_result, tmp_p
     summary = json.load(open(whole / "summary.json"))
     assert summary["world_size"] == 2 and len(summary["peak_rss_bytes_per_rank"]) == 2
     assert json.load(open(cut / "summary.json"))["acc_after"] == summary["acc_after"]
+    assert_same_final_state(cut, whole)  # caught: no optimizer state on resume
     from transformers import AutoModelForMaskedLM
     AutoModelForMaskedLM.from_pretrained(whole / "model")             # the full model, unsharded
     status, err = run(["--model", str(whole / "model"), "--steps", "1", "--prompts", "2",

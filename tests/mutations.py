@@ -1,0 +1,131 @@
+"""Break the code on purpose, one plausible bug at a time, and run the one
+test that should catch it: a claim test counts once it has been seen failing.
+
+    python tests/mutations.py              # every mutation (about 5 minutes on 2 cores)
+    python tests/mutations.py lora resume  # those whose name holds one of these words
+
+Each mutation is made in a copy of the project in a temporary directory (the
+working tree is never touched), as one exact replacement of a line of code:
+if the line has changed, the mutation says so instead of running. The tests
+are first run on the unbroken copy, where each must pass. Not part of
+`python -m pytest`; the runs share one warm-start cache ($BGPO_TEST_CACHE).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OBJ, RL, CKPT = "tests/test_objectives.py::", "tests/test_rl.py::", "tests/test_checkpoints_and_errors.py::"
+TOY, LEVERS, SCALE = "tests/test_toy_dllm.py::", "tests/test_memory_levers.py::", "tests/test_scale_out.py::"
+
+# (name, file, the line as it is, the line broken, the test that must fail)
+MUTATIONS = [
+    ("consent: the config loaded trusting shipped code", "real_dllm.py",
+     "config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)",
+     "config = AutoConfig.from_pretrained(path, trust_remote_code=True)",
+     CKPT + "test_shipped_code_runs_only_with_trust_remote_code_typed"),
+    ("lora resume: lora_base from the checkpoint resumed", "bgpo.py",
+     'lora_base = saved.get("lora_base", here)', "lora_base = here",
+     LEVERS + "test_lora_on_a_saved_toy_model_trains_adapters_only_and_resumes_exactly"),
+    ("resume: no optimizer state restored", "bgpo.py",
+     'real_dllm.load_optimizer_state(policy.model, optimizer, state.pop("optimizer"))',
+     'state.pop("optimizer")',
+     CKPT + "test_interrupted_and_resumed_run_matches_uninterrupted"),
+    ("resume under torchrun: no optimizer state restored", "bgpo.py",
+     'real_dllm.load_optimizer_state(policy.model, optimizer, state.pop("optimizer"))',
+     'state.pop("optimizer")',
+     SCALE + "test_torchrun_run_saves_on_rank_0_and_resumes_exactly"),
+    ("g_j without its 1 / n_t", "bgpo.py",
+     "return clipped(ratio, advantages, clip) / n_samples",
+     "return clipped(ratio, advantages, clip)",
+     RL + "test_bgpo_and_naive_runs_match_on_policy"),
+    ("warm start: no cache lookup", "toy_dllm.py",
+     "cached = load_cached(path, cache_key(settings))", "cached = None",
+     TOY + "test_second_warm_start_call_loads_the_cache_and_trains_nothing"),
+    ("warm start: a damaged entry loaded unchecked", "toy_dllm.py",
+     "except Exception as e:  # a missing or truncated file",
+     "except ImportError as e:  # a missing or truncated file",
+     TOY + "test_a_damaged_warm_start_entry_is_trained_again_in_one_line"),
+    ("warm start: no lock", "toy_dllm.py",
+     "fcntl.flock(lock, fcntl.LOCK_EX)", "pass",
+     TOY + "test_concurrent_cold_starts_train_once_and_leave_one_good_entry"),
+    ("warm start: a save without weights renamed into place", "toy_dllm.py",
+     "raise RuntimeError(f\"nothing wrote a model's weights for {path}\")", "pass",
+     TOY + "test_a_save_without_weights_is_never_renamed_into_place"),
+    ("warm start: every torchrun rank trains it", "bgpo.py",
+     "with real_dllm.rank_zero_first():", "with contextlib.nullcontext():",
+     SCALE + "test_cold_cache_under_torchrun_is_trained_on_rank_0_and_loads_in_one_process"),
+    ("| head: no BrokenPipeError handler", "bgpo.py",
+     "except BrokenPipeError:  # output piped", "except ZeroDivisionError:  # output piped",
+     CKPT + "test_output_piped_into_head_ends_without_traceback"),
+    ("stratified counts: round, as the official code", "bgpo.py",
+     "counts = (k - 1 + offsets) % L + 1",
+     "counts = (torch.round(k + offsets * 0 + torch.arange(n_samples, device=dev)[:, None] * L "
+     "/ n_samples).long() - 1) % L + 1",
+     OBJ + "test_stratified_count_of_every_sample_is_uniform"),
+    ("tangent 1 + d replaced by e^d", "bgpo.py",
+     "ratio = torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))",
+     "ratio = torch.where(upper, torch.exp(d), torch.exp(d.masked_fill(upper, 0.0)))",
+     OBJ + "test_bound_holds_off_policy"),
+    ("two_pass: the first pass keeps its graphs", "bgpo.py",
+     "    with torch.no_grad():\n            terms = elbo_terms(",
+     "    with contextlib.nullcontext():\n            terms = elbo_terms(",
+     OBJ + "test_memory_bgpo_flat_naive_linear"),
+    ("FSDP2 without the root fully_shard", "real_dllm.py",
+     "    fully_shard(inner)\n", "\n",
+     SCALE + "test_fsdp2_gradient_equals_the_single_process_gradient"),
+    ("uniform_t weight L/l, not (L+1)/l", "bgpo.py",
+     "weights = (L + 1) / masks.sum(-1).clamp(min=1)", "weights = L / masks.sum(-1).clamp(min=1)",
+     OBJ + "test_monte_carlo_elbo_matches_exact_enumeration"),
+]
+
+
+def copy_project(source, to):
+    shutil.copytree(source, to, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "__pycache__", ".pytest_cache", "docs"))
+
+
+def pytest(where, tests, env):
+    """The exit status of pytest on these tests in the copy `where`."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           *tests], cwd=where, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode
+
+
+def main(words):
+    chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
+    with tempfile.TemporaryDirectory(prefix="bgpo-mutations-") as tmp:
+        env = dict(os.environ, BGPO_TEST_CACHE=os.path.join(tmp, "cache"))
+        clean = os.path.join(tmp, "clean")
+        copy_project(ROOT, clean)  # a snapshot: the working tree may change meanwhile
+        tests = sorted({m[4] for m in chosen})
+        print(f"{len(tests)} tests on the unbroken code ...", flush=True)
+        if pytest(clean, tests, env) != 0:
+            sys.exit("mutations.py: a test fails on the unbroken code; fix that first")
+        rows = []
+        for name, path, line, broken, test in chosen:
+            where = os.path.join(tmp, "mutant")
+            shutil.rmtree(where, ignore_errors=True)
+            copy_project(clean, where)
+            with open(os.path.join(where, path)) as f:
+                source = f.read()
+            if source.count(line) != 1:
+                rows.append((name, "STALE: the line is not in the code once", test))
+            else:
+                with open(os.path.join(where, path), "w") as f:
+                    f.write(source.replace(line, broken))
+                status = pytest(where, [test], env)
+                rows.append((name, {0: "NOT CAUGHT", 1: "caught"}.get(status, f"error {status}"),
+                             test))
+            print(f"  {rows[-1][1]:<10} {name}", flush=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'mutation':<{width}}  {'result':<10}  test")
+    for name, result, test in rows:
+        print(f"{name:<{width}}  {result:<10}  {test.split('::')[1]}")
+    return 0 if all(r[1] == "caught" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
