@@ -28,6 +28,7 @@ bgpo_sample_objective, bgpo_loss_backward, rollout, train, rl_step.
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import toy_dllm
 from real_dllm import load_checkpoint  # noqa: F401 (public here too: (model, tokenizer))
 
 METHODS = ("bgpo", "naive", "two_pass")
-SCHEMES = ("stratified", "uniform_t")
+SCHEMES = ("stratified", "uniform_t", "complementary", "one_step")
 
 # -----------------------------------------------------------------------------
 # 1. Rewards -> group-relative advantages
@@ -77,6 +78,12 @@ def group_advantages(rewards, group_size):
 #                  they spread evenly (round(), as official, is biased: README)
 #    "uniform_t":  t ~ U(0,1), each token masked with prob. t; w = (L+1)/l,
 #                  the paper's 1/t averaged given the mask (finite variance)
+#    "complementary": pairs (DiffuCoder's coupled masks): a mask of l tokens,
+#                  l uniform on 0..L (stratified over the pairs), and the mask
+#                  of the other L - l, also uniform on 0..L; w = (L+1)/l, as
+#                  uniform_t's, so each mask alone has the ELBO as its mean
+#    "one_step":   every token masked, w = 1 (diffu-GRPO's estimate without its
+#                  prompt masking): one pass, the count-L term; not the ELBO
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     """n_t = n_samples masks of each response (B, L) (only its shape is used)
@@ -96,16 +103,25 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
         raise ValueError(f"responses must be (B, L) with L >= 1, got shape {tuple(responses.shape)}")
     B, L = responses.shape
     dev = generator.device if generator is not None else responses.device
-    if scheme == "stratified":
-        k = torch.randint(1, L + 1, (B,), generator=generator, device=dev)       # (B,)
+    pairs = scheme == "complementary"
+    if pairs and n_samples % 2:
+        raise ValueError(f"complementary masks come in pairs: n_samples must be even, got {n_samples}")
+    if scheme in ("stratified", "complementary"):
+        n, values = (n_samples // 2, L + 1) if pairs else (n_samples, L)  # counts 0..L or 1..L
+        k = torch.randint(1, values + 1, (B,), generator=generator, device=dev)  # (B,)
         # floor((j-1) L / n_t): count - 1 is k - 1 shifted by a constant, mod L
-        offsets = torch.arange(n_samples, device=dev)[:, None] * L // n_samples  # (n, 1)
-        counts = (k - 1 + offsets) % L + 1                                        # (n, B) in 1..L
+        offsets = torch.arange(n, device=dev)[:, None] * values // n          # (n, 1)
+        counts = (k - 1 + offsets) % values + (not pairs)                     # (n, B)
         # mask the `count` positions with the smallest random keys: a uniform subset
-        keys = torch.rand(n_samples, B, L, generator=generator, device=dev)
+        keys = torch.rand(n, B, L, generator=generator, device=dev)
         place = keys.argsort(-1).argsort(-1)                 # (n, B, L): each key's place, 0..L-1
         masks = place < counts[..., None]
-        weights = L / counts
+        if pairs:  # the second half masks what the first does not
+            masks, counts = torch.cat([masks, ~masks]), torch.cat([counts, L - counts])
+        weights = torch.where(counts > 0, values / counts.clamp(min=1), 0.0)  # empty: not computed
+    elif scheme == "one_step":  # n_t copies of one mask: merging computes it once
+        masks = torch.ones(n_samples, B, L, dtype=torch.bool, device=dev)
+        weights = torch.ones(n_samples, B, device=dev)
     else:
         t = 1 - torch.rand(n_samples, B, generator=generator, device=dev)        # (n, B) in (0, 1]
         masks = torch.rand(n_samples, B, L, generator=generator, device=dev) < t[..., None]
@@ -540,8 +556,10 @@ def save_checkpoint(out, policy, optimizer, state):
 #                (activations), counted by a saved-tensor hook while held.
 #    compare:    per n_t, each method's policy_loss_backward on the same work;
 #                BGPO per K of --mc-batch, and merged, as trained.
-#    grad-stats: BGPO gradients of 8 mask draws per n_t against g*, the mean
-#                of 8 draws at n_t = 256 (the columns: docs/results.md).
+#    grad-stats: per scheme and n_t, 8 mask draws: their ELBO estimates
+#                against the exact ELBO (all 2^L - 1 masks if L <= 10, else
+#                8 x 256 stratified samples), their BGPO gradients against g*,
+#                the mean of 8 draws at n_t = 256 (columns: docs/results.md).
 
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
                       merge=True):
@@ -620,40 +638,75 @@ def bgpo_gradient(policy, batch, masks, weights, old_terms):
     return grad
 
 def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
-    """Rows of scheme x n_t. A draw's masks for n_t are every (max/n_t)-th of
-    one draw at the largest n_t: the rows differ by n_t, not by luck."""
+    """Rows of scheme x n_t (the banner). A draw's masks for n_t are every
+    (max/n_t)-th of one draw at the largest n_t: the rows differ by n_t, not by luck."""
     batch = fixed_batch(policy, cfg)
     if not batch.advantages.any():
         raise ValueError("every group of the fixed batch has equal rewards: no gradient to study")
     rng = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=draws * (1 + len(SCHEMES)), desc="draws", dynamic_ncols=True, leave=False)
 
-    def draw(n, scheme):  # masks, weights, old_terms
+    def draw(n, scheme):  # masks, weights, old_terms: the l_j of the model as it is
         return masks_and_old_terms(policy, batch, n, scheme, rng, cfg.length_norm)
 
-    golden_draws = torch.stack([bgpo_gradient(policy, batch, *draw(golden_samples, "stratified"))
-                                for _ in range(draws)])                        # (draws, P)
-    golden = golden_draws.mean(0)
-    golden_var = (golden_draws - golden).pow(2).sum() / (draws - 1) / draws   # of the mean
-    largest, rows = max(sample_counts), []
+    def measure(masks, weights, old_terms):  # BGPO gradient, ELBO estimate, masks computed
+        _, merged, _, counts = merge_repeats(masks, weights)
+        return (bgpo_gradient(policy, batch, masks, weights, old_terms), old_terms.mean(0),
+                ((counts > 0) & (merged > 0)).sum(0).float().mean().item())
+
+    golden = []
+    for _ in range(draws):
+        golden.append(measure(*draw(golden_samples, "stratified")))
+        bar.update()
+    golden_draws = torch.stack([g for g, _, _ in golden])                        # (draws, P)
+    golden_grad = golden_draws.mean(0)
+    golden_var = (golden_draws - golden_grad).pow(2).sum() / (draws - 1) / draws   # of the mean
+    exact = batch.responses.shape[1] <= 10  # else the golden draws' 8 x 256 stratified samples
+    estimates = torch.stack([e for _, e, _ in golden])                           # (draws, B)
+    reference = exact_elbo(policy, batch, cfg.length_norm) if exact else estimates.mean(0)
+    reference_se = 0.0 if exact else estimates.std(0) / draws ** 0.5
+    rows = []
     for scheme in SCHEMES:
-        grads = {n: [] for n in sample_counts}
-        for _ in range(draws):
-            shared = draw(largest, scheme)
-            for n in grads:  # each count once, even if listed twice
-                if largest % n == 0:
-                    masks, weights, old_terms = (x[::largest // n] for x in shared)
+        counts = [n for n in sample_counts if scheme != "complementary" or n % 2 == 0]
+        got = {n: [] for n in counts}  # n -> [(gradient, ELBO estimate, masks), ...]
+        for _ in range(draws if counts else 0):
+            shared = draw(max(counts), scheme)
+            for n in got:  # each count once, even if listed twice
+                if max(counts) % n == 0:
+                    got[n].append(measure(*(x[::max(counts) // n] for x in shared)))
                 else:  # not a sub-grid of the shared draw: a draw of its own
-                    masks, weights, old_terms = draw(n, scheme)
-                grads[n].append(bgpo_gradient(policy, batch, masks, weights, old_terms))
-        for n in sample_counts:
-            g = torch.stack(grads[n])                                        # (draws, P)
+                    got[n].append(measure(*draw(n, scheme)))
+            bar.update()
+        for n in counts:
+            g = torch.stack([x[0] for x in got[n]])                          # (draws, P)
             var = (g - g.mean(0)).pow(2).sum() / (draws - 1)                # of one draw
-            rows.append(dict(scheme=scheme, samples=n,
-                             rel_std=(var.sqrt() / golden.norm()).item(),
-                             rel_bias=((g.mean(0) - golden).norm() / golden.norm()).item(),
-                             bias_floor=((var / draws + golden_var).sqrt() / golden.norm()).item(),
-                             rel_error=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
+            elbo = torch.stack([x[1] for x in got[n]])                       # (draws, B)
+            rows.append(dict(scheme=scheme, samples=n, masks=sum(x[2] for x in got[n]) / draws,
+                             elbo_bias=(elbo.mean(0) - reference).pow(2).mean().sqrt().item(),
+                             elbo_std=elbo.var(0).mean().sqrt().item(),
+                             elbo_floor=(elbo.var(0) / draws + reference_se ** 2).mean().sqrt().item(),
+                             elbo_reference="exact" if exact else "stratified",
+                             rel_std=(var.sqrt() / golden_grad.norm()).item(),
+                             rel_bias=((g.mean(0) - golden_grad).norm() / golden_grad.norm()).item(),
+                             bias_floor=((var / draws + golden_var).sqrt() / golden_grad.norm()).item(),
+                             rel_error=((g - golden_grad).norm(dim=1).mean() / golden_grad.norm()).item()))
+    bar.close()
     return rows
+
+def exact_elbo(policy, batch, length_norm=False):
+    """The ELBO of each response, Float (B,), by enumeration: the sum over all
+    2^L - 1 masks S of l(S) / (L C(L, |S|)), l with the stratified weight L/|S|."""
+    B, L = batch.responses.shape
+    subsets = torch.tensor(list(itertools.product([False, True], repeat=L))[1:])  # (S, L)
+    sizes = subsets.sum(-1)                                                     # (S,)
+    weights = (L / sizes / (L if length_norm else 1)).float()[:, None].expand(-1, B)
+    dev = batch.responses.device
+    with torch.no_grad():
+        terms = elbo_terms(policy.model, batch.prompts, batch.responses,
+                           subsets[:, None].expand(-1, B, -1).to(dev), weights.to(dev),
+                           policy.mask_id, batch.prompt_mask, mc_batch=64)         # (S, B)
+    chance = torch.tensor([L * math.comb(L, s) for s in sizes.tolist()], device=dev)
+    return (terms / chance[:, None]).sum(0)
 
 def explain(policy, cfg):
     """One BGPO step on a small batch, every number printed; weights unchanged."""
@@ -672,7 +725,8 @@ def explain(policy, cfg):
               f"   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
-    rule = {"stratified": "L/l", "uniform_t": "(L+1)/l"}[cfg.scheme] + " / L" * cfg.length_norm
+    rule = {"stratified": "L/l", "uniform_t": "(L+1)/l", "complementary": "(L+1)/l",
+            "one_step": "1"}[cfg.scheme] + " / L" * cfg.length_norm
     print(f"\n3. n_t = {n} masks per response, weight w = {rule} for l of L tokens masked; the "
           "old policy's l_old_j = w sum_i 1[masked] log p_old(y^i | y_t, x), without gradient")
     print("\n4. for j = 1..n_t: l_j (with a graph), d_j = l_j - l_old_j, g_j; "
@@ -743,7 +797,8 @@ def format_table(rows):
     else:
         columns = [("scheme", lambda r: r["scheme"]), ("n_t", lambda r: r["samples"])] + [
             (head, lambda r, key=key: f"{r[key]:.3f}") for head, key in (
-                ("rel. std", "rel_std"), ("rel. bias", "rel_bias"),
+                ("masks", "masks"), ("ELBO bias", "elbo_bias"), ("ELBO std", "elbo_std"),
+                ("ELBO floor", "elbo_floor"), ("rel. std", "rel_std"), ("rel. bias", "rel_bias"),
                 ("bias floor", "bias_floor"), ("rel. error", "rel_error"))]
     table = [[head for head, _ in columns]] + [[str(cell(r)) for _, cell in columns] for r in rows]
     widths = [max(len(row[c]) for row in table) for c in range(len(columns))]
@@ -763,7 +818,8 @@ class Config:
     """Every setting, its default and its flag's help; built once, never changed."""
     # what to do: train, unless one of these is given
     compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t, memory and time")
-    grad_stats: bool = flag(False, "table: std, bias and error of the BGPO gradient per n_t")
+    grad_stats: bool = flag(False, "table per scheme and n_t: the ELBO estimate's and the BGPO "
+                            "gradient's bias and std")
     explain: bool = flag(False, "one BGPO step on a small batch, every number printed")
     # the objective and its Monte-Carlo estimate
     method: str = flag("bgpo", "objective for training", choices=METHODS)
@@ -909,6 +965,8 @@ def check_flags(cfg):
     if training and (len(cfg.sample_counts) > 1 or len(cfg.mc_batches) > 1):
         raise ValueError("--samples and --mc-batch take one number when training "
                          "(lists are for --compare / --grad-stats)")
+    if cfg.scheme == "complementary" and any(n % 2 for n in cfg.sample_counts) and not cfg.grad_stats:
+        raise ValueError("--scheme complementary draws masks in pairs: --samples must be even")
     if training and cfg.prompts % cfg.updates_per_batch:
         raise ValueError(f"--updates-per-batch {cfg.updates_per_batch} must divide "
                          f"--prompts {cfg.prompts}")

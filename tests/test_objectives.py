@@ -293,7 +293,10 @@ def test_stratified_count_of_every_sample_is_uniform(L):
         assert (freq - 1 / L).abs().max() < 5 * se, (n, freq)                    # (n, L)
 
 
-@pytest.mark.parametrize("scheme", bgpo.SCHEMES)
+ELBO_SCHEMES = ("stratified", "uniform_t", "complementary")  # one_step is not the ELBO
+
+
+@pytest.mark.parametrize("scheme", ELBO_SCHEMES)
 def test_weighted_mask_has_mean_one_at_every_position(scheme):
     """E[w_j 1[position i masked]] = 1 for every position i and sample j: the
     weight undoes the chance of being masked, term by term."""
@@ -371,7 +374,7 @@ class MaskCountSensitive(torch.nn.Module):
         return types.SimpleNamespace(logits=logits)
 
 
-@pytest.mark.parametrize("scheme", bgpo.SCHEMES)
+@pytest.mark.parametrize("scheme", ELBO_SCHEMES)
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("response", [[3, 7, 5], [3, 7, 5, 12, 12, 12, 12]],
                          ids=["answer", "answer+end_tokens"])
@@ -392,6 +395,70 @@ def test_monte_carlo_elbo_matches_exact_enumeration(scheme, n, response):
     se = est.std() / math.sqrt(R)
     assert abs(est.mean().item() - exact) < 4 * se.item()
     assert exact < -10
+
+
+def naive_pairs(B, L, n, generator):
+    """Complementary pairs built on stratified counts, as one might: count c
+    on 1..L with weight L/c, its complement L - c (0..L-1) with L/(L - c)."""
+    masks, weights = bgpo.sample_masks(torch.zeros(B, L, dtype=torch.long), n // 2, generator)
+    counts = L - masks.sum(-1)
+    return (torch.cat([masks, ~masks]),
+            torch.cat([weights, torch.where(counts > 0, L / counts.clamp(min=1), 0.0)]))
+
+
+@pytest.mark.parametrize("pairs", ["ours", "naive"])
+def test_every_complementary_sample_has_the_elbo_as_its_mean(pairs):
+    """Each mask of a pair on its own, sample by sample, against exact
+    enumeration; the pairs built on stratified counts fail it (their
+    complement never masks all L tokens and wastes the empty mask)."""
+    model = MaskCountSensitive()
+    prompt, _ = random_batch(1, 6, 3, seed=5)
+    response = torch.tensor([[3, 7, 5, 12]])
+    R, L, n = 6000, 4, 4
+    generator = torch.Generator().manual_seed(7)
+    masks, weights = (bgpo.sample_masks(response.expand(R, L), n, generator, "complementary")
+                      if pairs == "ours" else naive_pairs(R, L, n, generator))
+    with torch.no_grad():
+        exact = exact_elbo(model, prompt, response)
+        terms = bgpo.elbo_terms(model, prompt.expand(R, 6), response.expand(R, L), masks, weights,
+                                MASK, mc_batch=n)                                # (n, R)
+    off = (terms.mean(1) - exact).abs() / (terms.std(1) / math.sqrt(R))         # (n,) in se
+    if pairs == "ours":
+        assert (off < 4).all(), off
+    else:
+        assert (off[n // 2:] > 6).all(), off
+
+
+def test_a_complementary_pair_masks_every_token_exactly_once():
+    masks, weights = bgpo.sample_masks(torch.zeros(500, 5, dtype=torch.long), 6,
+                                       torch.Generator().manual_seed(0), "complementary")
+    first, second = masks[:3], masks[3:]
+    assert torch.equal(first ^ second, torch.ones_like(first)) and not (first & second).any()
+    counts = first.sum(-1)                                                       # (3, 500)
+    assert set(counts.flatten().tolist()) == set(range(6))                       # 0..L
+    assert (weights[:3] == torch.where(counts > 0, 6 / counts.clamp(min=1), 0.0)).all()
+
+
+def test_one_step_is_the_count_L_term_of_the_stratified_estimator(model64):
+    """Every response token masked, weight 1, the same in every sample: the
+    stratified term of the sample whose count is L (weight L/L)."""
+    prompts, responses, _ = make_batch()
+    masks, weights = bgpo.sample_masks(responses, 3, torch.Generator().manual_seed(0), "one_step")
+    assert masks.all() and (weights == 1).all()
+    strat_masks, strat_weights = bgpo.sample_masks(responses, 4, torch.Generator().manual_seed(0))
+    full = strat_masks.sum(-1) == 4                                              # (4, 12)
+    with torch.no_grad():
+        one = bgpo.elbo_terms(model64, prompts, responses, masks, weights, MASK)            # (3, 12)
+        strat = bgpo.elbo_terms(model64, prompts, responses, strat_masks, strat_weights, MASK)
+    assert full.any(0).all()  # n_t = L: each response has its count-L sample
+    assert torch.allclose(one[0], strat[full.int().argmax(0), torch.arange(12)], rtol=1e-12)
+    assert torch.equal(one[0], one[1]) and torch.equal(one[0], one[2])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_odd_sample_count_with_complementary_pairs_is_refused(n):
+    with pytest.raises(ValueError, match="pairs: n_samples must be even"):
+        bgpo.sample_masks(torch.zeros(2, 3, dtype=torch.long), n, scheme="complementary")
 
 
 def test_uniform_t_weight_has_lower_variance_than_1_over_t(model64):

@@ -192,6 +192,8 @@ def test_numeric_flags_are_range_checked(flag, value, capsys):
     (["--response-length", "2"], "shorter than the 3-token answer"),
     (["--prompts", "5", "--updates-per-batch", "2"], "--updates-per-batch"),
     (["--save-every", "2"], "--save-every needs --out"),
+    (["--scheme", "complementary", "--samples", "3"], "--samples must be even"),
+    (["--scheme", "complementary", "--compare", "--samples", "2,3"], "--samples must be even"),
     (["--block-length", "2"], "--block-length"),
     (["--sampler-steps", "1", "--block-length", "1"], "--sampler-steps"),
 ])
@@ -210,11 +212,21 @@ def test_grad_stats_std_and_error_fall_with_more_samples(warm):
     cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
     rows = bgpo.grad_stats(policy, cfg, [1, 3, 16], draws=4, golden_samples=32)
     assert [(r["scheme"], r["samples"]) for r in rows] == [
-        (scheme, n) for scheme in ("stratified", "uniform_t") for n in (1, 3, 16)]
-    for one, three, sixteen in (rows[:3], rows[3:]):
+        (scheme, n) for scheme in ("stratified", "uniform_t") for n in (1, 3, 16)] + [
+        ("complementary", 16)] + [("one_step", n) for n in (1, 3, 16)]  # pairs: even n_t only
+    for one, three, sixteen in (rows[:3], rows[3:6]):
         assert sixteen["rel_std"] < one["rel_std"] / 2      # ~1/4 expected
         assert sixteen["rel_error"] < one["rel_error"] / 2
         assert sixteen["rel_std"] < three["rel_std"]
+        assert sixteen["elbo_std"] < one["elbo_std"] / 2
+    # the ELBO estimates against the exact ELBO (3 tokens: 7 masks): the three
+    # unbiased schemes within noise (within 2 floors, a 5-sigma margin for
+    # 16 responses); one_step is one fixed number, and not the ELBO
+    for r in rows[:7]:
+        assert r["elbo_reference"] == "exact" and r["elbo_bias"] < 2 * r["elbo_floor"], r
+    for r in rows[7:]:
+        assert r["elbo_std"] == 0 and r["rel_std"] == 0 and r["masks"] == 1
+        assert r["elbo_bias"] > 0.05 and r["rel_bias"] > 2 * r["bias_floor"]
     # rel_bias and bias_floor are reported, not asserted on: with 4 draws the
     # floor is too wide to catch even uniform_t's weight off by 4/3 (tried:
     # rel_bias / bias_floor went from 0.88 to 1.19). Unbiasedness is checked
