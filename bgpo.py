@@ -646,50 +646,41 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     rng = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=draws * (1 + len(SCHEMES)), desc="draws", dynamic_ncols=True, leave=False)
 
-    def draw(n, scheme):  # masks, weights, old_terms: the l_j of the model as it is
-        return masks_and_old_terms(policy, batch, n, scheme, rng, cfg.length_norm)
+    def measured(scheme, counts):  # n_t -> BGPO gradients, ELBO estimates, masks computed
+        got = {n: [] for n in counts}  # each count once, even if listed twice
+        for _ in range(draws):
+            shared = masks_and_old_terms(policy, batch, max(counts), scheme, rng, cfg.length_norm)
+            for n in got:  # a sub-grid of the shared draw, or a draw of its own
+                masks, weights, old_terms = ((x[::max(counts) // n] for x in shared)
+                                             if max(counts) % n == 0 else masks_and_old_terms(
+                                                 policy, batch, n, scheme, rng, cfg.length_norm))
+                _, merged, _, slots = merge_repeats(masks, weights)           # old_terms: the l_j
+                got[n].append((bgpo_gradient(policy, batch, masks, weights, old_terms),
+                               old_terms.mean(0), ((slots > 0) & (merged > 0)).sum(0).float()))
+            bar.update()
+        return {n: [torch.stack(x) for x in zip(*got[n])] for n in got}  # (draws, P), (draws, B) x 2
 
-    def measure(masks, weights, old_terms):  # BGPO gradient, ELBO estimate, masks computed
-        _, merged, _, counts = merge_repeats(masks, weights)
-        return (bgpo_gradient(policy, batch, masks, weights, old_terms), old_terms.mean(0),
-                ((counts > 0) & (merged > 0)).sum(0).float().mean().item())
-
-    golden = []
-    for _ in range(draws):
-        golden.append(measure(*draw(golden_samples, "stratified")))
-        bar.update()
-    golden_draws = torch.stack([g for g, _, _ in golden])                        # (draws, P)
-    golden_grad = golden_draws.mean(0)
-    golden_var = (golden_draws - golden_grad).pow(2).sum() / (draws - 1) / draws   # of the mean
-    exact = batch.responses.shape[1] <= 10  # else the golden draws' 8 x 256 stratified samples
-    estimates = torch.stack([e for _, e, _ in golden])                           # (draws, B)
+    golden_draws, estimates, _ = measured("stratified", [golden_samples])[golden_samples]
+    golden = golden_draws.mean(0)
+    golden_var = (golden_draws - golden).pow(2).sum() / (draws - 1) / draws   # of the mean
+    exact = batch.responses.shape[1] <= 10  # else the golden draws' samples
     reference = exact_elbo(policy, batch, cfg.length_norm) if exact else estimates.mean(0)
-    reference_se = 0.0 if exact else estimates.std(0) / draws ** 0.5
+    reference_var = 0.0 if exact else estimates.var(0) / draws                  # (B,)
     rows = []
     for scheme in SCHEMES:
         counts = [n for n in sample_counts if scheme != "complementary" or n % 2 == 0]
-        got = {n: [] for n in counts}  # n -> [(gradient, ELBO estimate, masks), ...]
-        for _ in range(draws if counts else 0):
-            shared = draw(max(counts), scheme)
-            for n in got:  # each count once, even if listed twice
-                if max(counts) % n == 0:
-                    got[n].append(measure(*(x[::max(counts) // n] for x in shared)))
-                else:  # not a sub-grid of the shared draw: a draw of its own
-                    got[n].append(measure(*draw(n, scheme)))
-            bar.update()
-        for n in counts:
-            g = torch.stack([x[0] for x in got[n]])                          # (draws, P)
+        for n, (g, elbo, masks) in (measured(scheme, counts) if counts else {}).items():
             var = (g - g.mean(0)).pow(2).sum() / (draws - 1)                # of one draw
-            elbo = torch.stack([x[1] for x in got[n]])                       # (draws, B)
-            rows.append(dict(scheme=scheme, samples=n, masks=sum(x[2] for x in got[n]) / draws,
-                             elbo_bias=(elbo.mean(0) - reference).pow(2).mean().sqrt().item(),
-                             elbo_std=elbo.var(0).mean().sqrt().item(),
-                             elbo_floor=(elbo.var(0) / draws + reference_se ** 2).mean().sqrt().item(),
-                             elbo_reference="exact" if exact else "stratified",
-                             rel_std=(var.sqrt() / golden_grad.norm()).item(),
-                             rel_bias=((g.mean(0) - golden_grad).norm() / golden_grad.norm()).item(),
-                             bias_floor=((var / draws + golden_var).sqrt() / golden_grad.norm()).item(),
-                             rel_error=((g - golden_grad).norm(dim=1).mean() / golden_grad.norm()).item()))
+            rows.append(dict(
+                scheme=scheme, samples=n, masks=masks.mean().item(),
+                elbo_bias=(elbo.mean(0) - reference).pow(2).mean().sqrt().item(),
+                elbo_std=elbo.var(0).mean().sqrt().item(),
+                elbo_floor=(elbo.var(0) / draws + reference_var).mean().sqrt().item(),
+                elbo_reference="exact" if exact else "stratified",
+                rel_std=(var.sqrt() / golden.norm()).item(),
+                rel_bias=((g.mean(0) - golden).norm() / golden.norm()).item(),
+                bias_floor=((var / draws + golden_var).sqrt() / golden.norm()).item(),
+                rel_error=((g - golden).norm(dim=1).mean() / golden.norm()).item()))
     bar.close()
     return rows
 

@@ -2,8 +2,9 @@
 
     python docs/figures.py                  # docs/data/*.json -> docs/*.png
     python docs/figures.py --collect RUNS   # first rebuild docs/data/ablation_len16.json
-                                            # from RUNS/n{n_t}-s{seed}/metrics.jsonl
-    python docs/figures.py --table          # the ablation as a table (docs/results.md)
+                                            # from RUNS/n{n_t}-s{seed}/metrics.jsonl, and
+                                            # estimators_len16.json from RUNS/{scheme}-...
+    python docs/figures.py --table          # the two as tables (docs/results.md)
 
 Only the standard library and matplotlib (docs/requirements.txt): re-plotting
 needs neither torch nor the hour of runs. Each input names the command that
@@ -22,7 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 DOCS = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(DOCS, "data")
 COLORS = {"naive": "tab:red", "two_pass": "tab:orange", "bgpo": "tab:blue",
-          "stratified": "tab:blue", "uniform_t": "tab:green"}
+          "stratified": "tab:blue", "uniform_t": "tab:green", "complementary": "tab:purple",
+          "one_step": "tab:red"}
+SCHEMES = ("stratified", "uniform_t", "complementary", "one_step")
 
 
 def read(name):
@@ -75,10 +78,11 @@ def gradient(out):
     """Figure 3: relative std of the BGPO gradient against n_t (--grad-stats --json)."""
     data = read("grad_stats_len16.json")  # python bgpo.py --grad-stats ... --json
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for scheme in ("stratified", "uniform_t"):
+    for scheme in SCHEMES:
         rows = [r for r in data if r["scheme"] == scheme]
-        ax.plot([r["samples"] for r in rows], [r["rel_std"] for r in rows], "o-",
-                color=COLORS[scheme], label=scheme)
+        if rows:  # one_step's is 0: one fixed mask
+            ax.plot([r["samples"] for r in rows], [r["rel_std"] for r in rows], "o-",
+                    color=COLORS[scheme], label=scheme)
     ax.set(xscale="log", xlabel="n_t, Monte-Carlo samples per response",
            ylabel="relative std of the gradient", title="Gradient noise of BGPO")
     ax.set_xticks(sorted({r["samples"] for r in data}))
@@ -86,6 +90,38 @@ def gradient(out):
     ax.set_ylim(bottom=0)
     ax.legend()
     save(fig, out)
+
+
+def estimators(out):
+    """Figure 4: the ELBO estimate's std against n_t per scheme, and one_step's
+    bias, at 3-token answers (against the exact ELBO) and 16 (a reference)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, (name, title) in zip(axes, (("grad_stats_len3.json", "3-token answers, exact ELBO"),
+                                        ("grad_stats_len16.json", "16-token answers"))):
+        data = read(name)
+        for scheme in SCHEMES[:3]:
+            rows = [r for r in data if r["scheme"] == scheme]
+            ax.plot([r["samples"] for r in rows], [r["elbo_std"] for r in rows], "o-",
+                    color=COLORS[scheme], label=f"{scheme}: std")
+        bias = next(r["elbo_bias"] for r in data if r["scheme"] == "one_step")
+        ax.axhline(bias, color=COLORS["one_step"], linestyle="--", label="one_step: bias (std 0)")
+        ax.set(xscale="log", xlabel="n_t, Monte-Carlo samples per response",
+               ylabel="nats (RMS over 128 responses)", title=title)
+        ax.set_xticks(sorted({r["samples"] for r in data}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    save(fig, out)
+
+
+def curves(runs):
+    """{setting: {seed: [[step, acc], ...]}} -> (steps, {setting: (means, stds)}) in %."""
+    steps = sorted({s for seeds in runs.values() for run in seeds.values() for s, _ in run})
+    out = {}
+    for name, seeds in runs.items():
+        acc = [[100 * dict(run)[s] for run in seeds.values()] for s in steps]
+        out[name] = ([statistics.mean(a) for a in acc], [statistics.stdev(a) for a in acc])
+    return steps, out
 
 
 def table():
@@ -103,6 +139,17 @@ def table():
     for n in sorted(runs, key=int):
         ends = ", ".join(f"{100 * runs[n][seed][-1][1]:.1f}" for seed in sorted(runs[n], key=int))
         print(f"n_t = {n}, seeds {', '.join(sorted(runs[n], key=int))}: {ends}")
+    if os.path.exists(os.path.join(DATA, "estimators_len16.json")):
+        data = read("estimators_len16.json")
+        steps, stats = curves(data["runs"])
+        print("\n| scheme, n_t | " + " | ".join(f"step {s}" for s in steps) + " | s/step |")
+        print("|---" * (len(steps) + 2) + "|")
+        for name, (mean, std) in stats.items():
+            cells = [f"{m:.1f} +- {s:.1f}" for m, s in zip(mean, std)]
+            print(f"| {name} | " + " | ".join(cells) + f" | {data['seconds_per_step'][name]:.2f} |")
+        for name, seeds in data["runs"].items():
+            print(f"{name}, seeds {', '.join(seeds)}: "
+                  + ", ".join(f"{100 * run[-1][1]:.1f}" for run in seeds.values()))
 
 
 def save(fig, name):
@@ -128,6 +175,28 @@ def collect(runs):
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     print(f"wrote docs/data/ablation_len16.json from {runs}")
+    # the estimators: RUNS/{complementary-n2, complementary-n4, one_step}-s{seed}, beside
+    # the stratified runs above; seconds per step from each run's summary.json
+    estimators = {"runs": {}, "seconds_per_step": {}}
+    for name in sorted(os.listdir(runs)):
+        setting, _, seed = name.rpartition("-s")
+        if not (os.path.isfile(os.path.join(runs, name, "summary.json")) and (
+                setting.startswith(("complementary", "one_step")) or setting in ("n2", "n4", "n8"))):
+            continue
+        label = {"one_step": "one_step, 1"}.get(setting) or (
+            f"stratified, {setting[1:]}" if setting.startswith("n") else f"complementary, {setting[-1]}")
+        with open(os.path.join(runs, name, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        with open(os.path.join(runs, name, "summary.json")) as f:
+            summary = json.load(f)
+        estimators["runs"].setdefault(label, {})[seed] = [[r["step"], r["acc"]] for r in records
+                                                          if "acc" in r]
+        estimators["seconds_per_step"].setdefault(label, []).append(summary["seconds"] / summary["steps"])
+    estimators["seconds_per_step"] = {k: statistics.median(v) for k, v in
+                                      estimators["seconds_per_step"].items()}
+    with open(os.path.join(DATA, "estimators_len16.json"), "w") as f:
+        json.dump(estimators, f, indent=1)
+    print(f"wrote docs/data/estimators_len16.json from {runs}")
 
 
 if __name__ == "__main__":
@@ -142,3 +211,4 @@ if __name__ == "__main__":
     memory("memory.png")
     ablation("ablation_len16.png")
     gradient("grad_stats.png")
+    estimators("elbo_estimators.png")

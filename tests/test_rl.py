@@ -299,6 +299,7 @@ def test_grad_stats_draws_its_masks_with_length_norm(warm, monkeypatch):
     for norm in (False, True):
         cfg = bgpo.Config(prompts=4, group=4, length_norm=norm)
         rows[norm] = bgpo.grad_stats(policy, cfg, [1, 2], draws=2, golden_samples=4)
-    assert seen == [False] * 6 + [True] * 6
+    draws = 2 * (1 + len(bgpo.SCHEMES))  # the golden's, then each scheme's
+    assert seen == [False] * draws + [True] * draws
     for plain, normed in zip(rows[False], rows[True]):
         assert normed["rel_std"] == pytest.approx(plain["rel_std"], rel=1e-3)
