@@ -78,12 +78,10 @@ def group_advantages(rewards, group_size):
 #                  they spread evenly (round(), as official, is biased: README)
 #    "uniform_t":  t ~ U(0,1), each token masked with prob. t; w = (L+1)/l,
 #                  the paper's 1/t averaged given the mask (finite variance)
-#    "complementary": pairs (DiffuCoder's coupled masks): a mask of l tokens,
-#                  l uniform on 0..L (stratified over the pairs), and the mask
-#                  of the other L - l, also uniform on 0..L; w = (L+1)/l, as
-#                  uniform_t's, so each mask alone has the ELBO as its mean
-#    "one_step":   every token masked, w = 1 (diffu-GRPO's estimate without its
-#                  prompt masking): one pass, the count-L term; not the ELBO
+#    "complementary": pairs (DiffuCoder's): l of L tokens, l uniform on 0..L over
+#                  the pairs, and the other L - l; w = (L+1)/l: each mask unbiased
+#    "one_step":   every token masked, w = 1 (diffu-GRPO without its prompt
+#                  masking): one pass, the count-L term; not the ELBO
 
 def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
     """n_t = n_samples masks of each response (B, L) (only its shape is used)
@@ -556,10 +554,9 @@ def save_checkpoint(out, policy, optimizer, state):
 #                (activations), counted by a saved-tensor hook while held.
 #    compare:    per n_t, each method's policy_loss_backward on the same work;
 #                BGPO per K of --mc-batch, and merged, as trained.
-#    grad-stats: per scheme and n_t, 8 mask draws: their ELBO estimates
-#                against the exact ELBO (all 2^L - 1 masks if L <= 10, else
-#                8 x 256 stratified samples), their BGPO gradients against g*,
-#                the mean of 8 draws at n_t = 256 (columns: docs/results.md).
+#    grad-stats: per scheme and n_t, 8 mask draws: ELBO estimates against the
+#                exact ELBO (2^L - 1 masks; L > 10: 8 x 256 stratified samples),
+#                BGPO gradients against g*, 8 draws at n_t = 256 (docs/results.md).
 
 def measure_loss_call(policy, batch, masks, weights, old_terms, method, clip=None, mc_batch=1,
                       merge=True):
@@ -671,8 +668,7 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
         counts = [n for n in sample_counts if scheme != "complementary" or n % 2 == 0]
         for n, (g, elbo, masks) in (measured(scheme, counts) if counts else {}).items():
             var = (g - g.mean(0)).pow(2).sum() / (draws - 1)                # of one draw
-            rows.append(dict(
-                scheme=scheme, samples=n, masks=masks.mean().item(),
+            rows.append(dict(scheme=scheme, samples=n, masks=masks.mean().item(),
                 elbo_bias=(elbo.mean(0) - reference).pow(2).mean().sqrt().item(),
                 elbo_std=elbo.var(0).mean().sqrt().item(),
                 elbo_floor=(elbo.var(0) / draws + reference_var).mean().sqrt().item(),
@@ -716,8 +712,7 @@ def explain(policy, cfg):
               f"   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
-    rule = {"stratified": "L/l", "uniform_t": "(L+1)/l", "complementary": "(L+1)/l",
-            "one_step": "1"}[cfg.scheme] + " / L" * cfg.length_norm
+    rule = {"stratified": "L/l", "one_step": "1"}.get(cfg.scheme, "(L+1)/l") + " / L" * cfg.length_norm
     print(f"\n3. n_t = {n} masks per response, weight w = {rule} for l of L tokens masked; the "
           "old policy's l_old_j = w sum_i 1[masked] log p_old(y^i | y_t, x), without gradient")
     print("\n4. for j = 1..n_t: l_j (with a graph), d_j = l_j - l_old_j, g_j; "
@@ -809,8 +804,7 @@ class Config:
     """Every setting, its default and its flag's help; built once, never changed."""
     # what to do: train, unless one of these is given
     compare: bool = flag(False, "table: naive vs two_pass vs bgpo per n_t, memory and time")
-    grad_stats: bool = flag(False, "table per scheme and n_t: the ELBO estimate's and the BGPO "
-                            "gradient's bias and std")
+    grad_stats: bool = flag(False, "table per scheme and n_t: the ELBO's and gradient's bias, std")
     explain: bool = flag(False, "one BGPO step on a small batch, every number printed")
     # the objective and its Monte-Carlo estimate
     method: str = flag("bgpo", "objective for training", choices=METHODS)

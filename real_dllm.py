@@ -369,8 +369,7 @@ def stop():
 
 @contextlib.contextmanager
 def rank_zero_first():
-    """Rank 0 runs the block while the other ranks wait, then they run it (the
-    toy's warm start: rank 0 trains and caches it, the others load it)."""
+    """Rank 0 runs the block, then the others (the warm start: trained, then loaded)."""
     rank, size = world()
     if rank > 0:
         dist.barrier()
