@@ -141,6 +141,8 @@ def test_resume_without_checkpoint(tmp_path, capsys):
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(warm, tmp_path, capsys, monkeypatch):
+    """Guards exact resume: metrics, and the final weights and last checkpoint's
+    optimizer state bit for bit (caught: no optimizer state restored)."""
     args = SMALL[:] + ["--save-every", "2", "--eval-every", "2"]
     args[1] = "5"  # --steps 5: checkpoints at 2 and 4, evaluations at 2, 4 and 5
     assert run(args + ["--out", str(tmp_path / "whole")], capsys)[0] == 0

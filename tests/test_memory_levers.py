@@ -47,6 +47,9 @@ def test_objectives_agree_on_a_lora_model_and_only_adapters_get_gradients(tokeni
 
 def test_lora_on_a_saved_toy_model_trains_adapters_only_and_resumes_exactly(saved_run, tmp_path,
                                                                             capsys):
+    """Guards LoRA resume: the resumed run saves the uninterrupted run's adapters
+    and optimizer state bit for bit, names the true base in bgpo.json, and
+    reloads to the same logits (caught: lora_base taken from the checkpoint)."""
     base = saved_run / "model"
     args = ["--model", str(base), "--lora-rank", "4", "--lr", "1e-3", "--steps", "3",
             "--prompts", "4", "--group", "4", "--samples", "2", "--save-every", "2"]

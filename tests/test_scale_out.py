@@ -45,6 +45,8 @@ def test_bad_flag_under_torchrun_is_said_once_and_every_rank_exits_2(torchrun_re
 
 
 def test_torchrun_run_saves_on_rank_0_and_resumes_exactly(torchrun_result, tmp_path, capsys):
+    """Guards resume under torchrun: the cut run's final weights equal the
+    whole run's bit for bit (caught: no optimizer state restored)."""
     out, _ = torchrun_result
     whole, cut = out / "whole", out / "cut"
     assert read_metrics(cut) == read_metrics(whole)
