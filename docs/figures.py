@@ -97,7 +97,7 @@ def estimators(out):
     bias, at 3-token answers (against the exact ELBO) and 16 (a reference)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, (name, title) in zip(axes, (("grad_stats_len3.json", "3-token answers, exact ELBO"),
-                                        ("grad_stats_len16.json", "16-token answers"))):
+                                        ("grad_stats_len16.json", "16-token answers, 2,048-sample reference"))):
         data = read(name)
         for scheme in SCHEMES[:3]:
             rows = [r for r in data if r["scheme"] == scheme]
