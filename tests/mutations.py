@@ -1,7 +1,7 @@
 """Break the code on purpose, one plausible bug at a time, and run the one
 test that should catch it: a claim test counts once it has been seen failing.
 
-    python tests/mutations.py              # every mutation (about 5 minutes on 2 cores)
+    python tests/mutations.py              # every mutation (about 6 minutes on 2 cores)
     python tests/mutations.py lora resume  # those whose name holds one of these words
 
 Each mutation is made in a copy of the project in a temporary directory (the
@@ -76,6 +76,13 @@ MUTATIONS = [
     ("FSDP2 without the root fully_shard", "real_dllm.py",
      "    fully_shard(inner)\n", "\n",
      SCALE + "test_fsdp2_gradient_equals_the_single_process_gradient"),
+    ("complementary: pairs on the stratified counts 1..L", "bgpo.py",
+     "counts = (k - 1 + offsets) % values + (not pairs)", "counts = (k - 1 + offsets) % L + 1",
+     OBJ + "test_every_complementary_sample_has_the_elbo_as_its_mean"),
+    ("one_step: weight L, not 1", "bgpo.py",
+     "weights = torch.ones(n_samples, B, device=dev)",
+     "weights = L * torch.ones(n_samples, B, device=dev)",
+     OBJ + "test_one_step_is_the_count_L_term_of_the_stratified_estimator"),
     ("uniform_t weight L/l, not (L+1)/l", "bgpo.py",
      "weights = (L + 1) / masks.sum(-1).clamp(min=1)", "weights = L / masks.sum(-1).clamp(min=1)",
      OBJ + "test_monte_carlo_elbo_matches_exact_enumeration"),
