@@ -403,7 +403,7 @@ def warm_start(verbose=True, **overrides):
     if length == task.answer_length:  # one cache entry for the answer's own length
         settings["response_length"] = None
     path = warm_start_path(settings)
-    with cache_lock(os.path.dirname(path)):  # concurrent cold starts: one trains, the others wait, then load
+    with cache_lock(os.path.dirname(path)):  # one process trains; the others wait, then load
         cached = load_cached(path, cache_key(settings))
         if cached:
             return (*cached, task, settings)
