@@ -28,6 +28,7 @@ bgpo_sample_objective, bgpo_loss_backward, rollout, train, rl_step.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -45,7 +46,7 @@ import real_dllm
 import toy_dllm
 from real_dllm import load_checkpoint  # noqa: F401 (public here too: (model, tokenizer))
 
-METHODS = ("bgpo", "naive", "two_pass")
+METHODS = ("bgpo", "naive", "two_pass", "tangent", "jensen")
 SCHEMES = ("stratified", "uniform_t", "complementary", "one_step")
 
 # -----------------------------------------------------------------------------
@@ -189,6 +190,8 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
 #    naive:  R    = exp((1/n_t) sum_j d_j) * A                (one big graph)
 #    BGPO:   R_lb = sum_j g_j, g_j of step 4: a tangent (e^x >= 1 + x) for A >= 0,
 #            Jensen for A < 0. L = -(1/B) sum_i R_i; with R_lb, L = sum_j L_j.
+#    tangent, jensen: one lemma for every A (our reading of the paper's Table 3
+#            rows); not bounds: the tangent is above R for A < 0, Jensen for A > 0.
 #    --clip (the official code, not the paper): the ratio e^{mean d}, or
 #    1 + d_j / e^{d_j}, clipped to [1 - eps, 1 + eps]; dual clip 3 A if A < 0.
 
@@ -206,21 +209,25 @@ def naive_objective(terms, old_terms, advantages, clip=None, counts=None):
     mean_d = d.mean(0) if counts is None else (counts * d).sum(0) / counts.sum(0)
     return clipped(torch.exp(mean_d), advantages, clip)
 
-def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None):
+def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None, method="bgpo"):
     """g_j for one MC sample j: Float (B,). Linear in the sample, so
-    sum_j g_j can be backwarded one j at a time."""
+    sum_j g_j can be backwarded one j at a time. method "tangent" or "jensen":
+    that lemma for every A."""
     d = term - old_term                                                   # (B,)
-    upper = advantages >= 0
+    upper = {"bgpo": advantages >= 0, "tangent": True, "jensen": False}[method]
+    upper = torch.as_tensor(upper, device=d.device)                       # (B,) or ()
     # exp only where it is used: an overflowing e^{d} on the A >= 0 side would
     # turn its zero gradient into inf * 0 = nan
     ratio = torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))
     return clipped(ratio, advantages, clip) / n_samples
 
 def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
-                       counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
+                       counts, mask_id, clip=None, prompt_mask=None, mc_batch=1, method="bgpo",
+                       seen=None):
     """Step 4: R_lb = sum_j g_j, one sample j (or mc_batch of them) at a time:
     forward, g_j, backward, which frees the sample's graph. Sample j stands for
-    counts[j] of each response's n_t samples (merge_repeats)."""
+    counts[j] of each response's n_t samples (merge_repeats). seen: a list that
+    gets each l_j's value (policy_loss_backward's diagnostics)."""
     n_t = int(counts[:, 0].sum())
     total = 0.0
     for j in range(0, len(masks), mc_batch):                             # as LLaDA's mc_num loop
@@ -228,24 +235,28 @@ def bgpo_loss_backward(model, prompts, responses, advantages, masks, weights, ol
         terms = elbo_terms_at_once(model, prompts, responses, masks[s], weights[s], mask_id,
                                    prompt_mask)                           # (K, B) l_j, a graph
         old = terms.detach() if old_terms is None else old_terms[s]       # on-policy: d_j = 0
-        g = bgpo_sample_objective(terms, old, advantages, n_t, clip)      # (K, B)
+        g = bgpo_sample_objective(terms, old, advantages, n_t, clip, method)  # (K, B)
         loss = -(counts[s] * g).mean(-1).sum()                            # L_j
         loss.backward()                                                   # frees sample j's graph
         total += loss.item()
+        if seen is not None:
+            seen.append(terms.detach())
     return total
 
 def naive_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
-                        counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
+                        counts, mask_id, clip=None, prompt_mask=None, mc_batch=1, seen=None):
     """R = exp(mean_j d_j) A: all n_t graphs alive at once, one backward."""
     terms = elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask,
                        mc_batch)                                          # (n_t, B), n_t graphs
+    if seen is not None:
+        seen.append(terms.detach())
     old_terms = terms.detach() if old_terms is None else old_terms
     loss = -naive_objective(terms, old_terms, advantages, clip, counts).mean()
     loss.backward()
     return loss.item()
 
 def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights, old_terms,
-                           counts, mask_id, clip=None, prompt_mask=None, mc_batch=1):
+                           counts, mask_id, clip=None, prompt_mask=None, mc_batch=1, seen=None):
     """The naive gradient at constant memory: R depends on the samples only
     through m = mean_j d_j, so pass 1 (no grad; skipped on-policy, m = 0)
     finds c_i = dR_i/dm_i, and pass 2 backwards -(1/B) sum_i c_i l_ij / n_t
@@ -266,6 +277,8 @@ def two_pass_loss_backward(model, prompts, responses, advantages, masks, weights
                                    prompt_mask)                           # (K, B)
         loss = -(coef * counts[s] * terms).mean(-1).sum() / n_t
         loss.backward()
+        if seen is not None:
+            seen.append(terms.detach())
     return -objective.mean().item()
 
 def merge_repeats(masks, weights, old_terms=None):
@@ -300,14 +313,15 @@ def merge_repeats(masks, weights, old_terms=None):
 
 def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                          old_terms, mask_id, method="bgpo", clip=None, prompt_mask=None,
-                         mc_batch=1, merge=True):
+                         mc_batch=1, merge=True, diagnostics=None):
     """Backward L = -(1/B) sum_i R_i into .grad (accumulating); returns L.
     prompts (B, Lp), responses (B, L), advantages (B,); masks (n_t, B, L) and
     weights (n_t, B) from sample_masks; old_terms (n_t, B), or None on-policy
-    (each l_j's own value, detached). method: "bgpo", "naive" or "two_pass"
-    (the naive gradient at constant memory); clip: PPO eps or None; mc_batch:
-    samples per forward pass; merge: each distinct mask once. mc_batch and
-    merge change the gradient only by float rounding."""
+    (each l_j's own value, detached). method: "bgpo", "naive", "two_pass" (the
+    naive gradient at constant memory), "tangent" or "jensen" (one lemma);
+    clip: PPO eps or None; mc_batch: samples per forward pass; merge: each
+    distinct mask once. mc_batch and merge change the gradient only by float
+    rounding. diagnostics: a dict that gets off_policy_stats."""
 
     check_shapes(prompts, responses, masks, weights, advantages=advantages, old_terms=old_terms,
                  prompt_mask=prompt_mask)
@@ -321,10 +335,37 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
         masks, weights, old_terms, counts = merge_repeats(masks, weights, old_terms)
     else:
         counts = torch.ones_like(weights)
-    backward = {"bgpo": bgpo_loss_backward, "naive": naive_loss_backward,
-                "two_pass": two_pass_loss_backward}[method]
-    return backward(model, prompts, responses, advantages.detach(), masks, weights, old_terms,
-                    counts, mask_id, clip, prompt_mask, mc_batch)
+    advantages, seen = advantages.detach(), None if diagnostics is None else []
+    backward = {"naive": naive_loss_backward, "two_pass": two_pass_loss_backward}.get(
+        method, functools.partial(bgpo_loss_backward, method=method))  # bgpo, tangent, jensen
+    loss = backward(model, prompts, responses, advantages, masks, weights, old_terms, counts,
+                    mask_id, clip, prompt_mask, mc_batch, seen=seen)
+    if seen:
+        diagnostics.update(off_policy_stats(torch.cat(seen), old_terms, advantages, masks,
+                                            weights, counts, method, clip))
+    return loss
+
+def off_policy_stats(terms, old_terms, advantages, masks, weights, counts, method="bgpo",
+                     clip=None):
+    """How far an update is from the rollout's policy, from the l_j (n', B) its
+    loss computed anyway, as floats: abs_d, the mean |d_j| per masked token;
+    gap, the mean over responses of R - R_lb (BGPO's bound: >= 0, 0 on-policy);
+    with clip, clipped: the share of ratios (per sample; naive, two_pass: per
+    response) that the clip changed. counts as from merge_repeats."""
+    old = terms if old_terms is None else old_terms
+    tokens = weights * masks.sum(-1)                                      # (n', B): l_j's w |S|
+    used = counts * (tokens != 0)                                         # the empty mask: l_j = 0
+    R = naive_objective(terms, old, advantages, counts=counts)            # (B,)
+    R_lb = (counts * bgpo_sample_objective(terms, old, advantages, counts.sum(0))).sum(0)
+    per_token = (terms - old).abs() / tokens.where(used > 0, 1.0)
+    stats = dict(abs_d=(used * per_token).sum() / used.sum(), gap=R - R_lb)
+    if clip is not None and method in ("naive", "two_pass"):                # a ratio per response
+        stats["clipped"] = (naive_objective(terms, old, advantages, clip, counts) != R).double()
+    elif clip is not None:                                                    # a ratio per sample
+        changed = (bgpo_sample_objective(terms, old, advantages, 1, clip, method)
+                   != bgpo_sample_objective(terms, old, advantages, 1, None, method))
+        stats["clipped"] = (counts * changed).sum() / counts.sum()
+    return {key: float(v.mean()) for key, v in stats.items()}
 
 # -----------------------------------------------------------------------------
 # 4. Rollout: G responses per prompt, their rewards and advantages
@@ -391,43 +432,54 @@ def train(policy, cfg, out=None, resume_state=None):
         problems = policy.task.train[
             torch.randint(len(policy.task.train), (cfg.prompts,), generator=data_rng)]
         problems = problems.chunk(size)[rank]                         # torchrun: this rank's share
+        start = real_dllm.clock(policy.device)
         batch = rollout(policy, problems, cfg, sample_rng)            # 1-2: responses, A
+        record = dict(time_rollout=real_dllm.clock(policy.device) - start)
         loss, skipped, peak = rl_step(policy, optimizer, batch, cfg, data_rng,
-                                      measure_memory=step == first)  # 3-5: masks, update
-        log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar)
+                                      measure_memory=step == first, record=record)  # 3-5
+        log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar, record)
         if out:
             save_progress(out, state, policy, cfg, optimizer, data_rng, sample_rng)
     bar.close()
     return finish(policy, cfg, state, out)
 
-def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True):
+def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True, record=None):
     """Steps 3-5: masks (and old terms, off-policy), then one update per
     mini-batch of whole groups. Returns (mean loss, updates skipped, peak
-    activation bytes if measure_memory, else 0)."""
-    one_process = real_dllm.world()[1] == 1
+    activation bytes if measure_memory, else 0). record, a dict, gets the
+    seconds of the loss (old terms included) and of the updates, and each
+    update's off_policy_stats (under torchrun, this rank's)."""
+    one_process, clock = real_dllm.world()[1] == 1, functools.partial(real_dllm.clock, policy.device)
     # torchrun: masks of this rank's own, from the state all ranks share; no merging, which
     # would give the ranks different numbers of (collective) forward passes
     mask_rng = data_rng if one_process else real_dllm.rank_generator(data_rng)
+    start = clock()
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, cfg.samples, cfg.scheme, mask_rng, cfg.length_norm,
         old=cfg.updates_per_batch > 1, mc_batch=cfg.mc_batch)
+    record = {} if record is None else record
+    record.update(time_loss=clock() - start, time_update=0.0, updates=[])
     losses, skipped, peak = [], 0, 0
     for minibatch in torch.arange(len(batch.responses) // cfg.group).chunk(cfg.updates_per_batch):
         rows = (minibatch[:, None] * cfg.group + torch.arange(cfg.group)).flatten()  # its groups
         mini = batch[rows]
         optimizer.zero_grad(set_to_none=True)
         meter = real_dllm.activation_meter(policy.model) if measure_memory and one_process else None
+        stats, start = {}, clock()
         with meter or contextlib.nullcontext():
             loss = policy_loss_backward(
                 policy.model, mini.prompts, mini.responses, mini.advantages, masks[:, rows],
                 weights[:, rows], None if old_terms is None else old_terms[:, rows],
                 policy.mask_id, method=cfg.method, clip=cfg.clip, prompt_mask=mini.prompt_mask,
-                mc_batch=cfg.mc_batch, merge=one_process)
-        peak = max(peak, meter.peak_bytes if meter else 0)
+                mc_batch=cfg.mc_batch, merge=one_process, diagnostics=stats)
+        peak, computed = max(peak, meter.peak_bytes if meter else 0), clock()
         if update(policy.model, optimizer, loss, cfg.max_grad_norm):
             losses.append(loss)
         else:
             skipped += 1
+        record["time_loss"] += computed - start
+        record["time_update"] += clock() - computed
+        record["updates"].append(stats)
     return (sum(losses) / len(losses) if losses else math.nan), skipped, peak
 
 def update(model, optimizer, loss, max_grad_norm=None):
@@ -471,16 +523,19 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
                     state["acc_before"])
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
-def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar):
-    """One metrics record, with the test accuracy every cfg.eval_every steps."""
+def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar, more=()):
+    """One metrics record (with more: rl_step's), with the test accuracy every
+    cfg.eval_every steps and the seconds it took."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
     record = dict(step=step, reward_mean=real_dllm.global_mean(batch.rewards.mean().item()),
                   loss=real_dllm.global_mean(loss), skipped_updates=skipped,
-                  seconds=round(time.time() - state["started"], 3))
+                  seconds=round(time.time() - state["started"], 3), **dict(more))
     if step % cfg.eval_every == 0 or step == cfg.steps:
+        start = real_dllm.clock(policy.device)
         state["last_eval"] = evaluate_policy(policy, cfg)  # (acc, failures)
         record["acc"] = state["last_acc"] = state["last_eval"][0]
+        record["time_eval"] = real_dllm.clock(policy.device) - start
     state["metrics"].append(record)
     bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{state['last_acc']:.2f}")
     state.update(step=step, seconds=time.time() - state["started"])
@@ -506,7 +561,9 @@ def finish(policy, cfg, state, out):
     summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
                    seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,
                    seconds=round(seconds, 3), peak_activation_bytes=state["peak_activation_bytes"],
-                   skipped_updates=state["skipped_updates"], world_size=size)
+                   skipped_updates=state["skipped_updates"], world_size=size,
+                   time_split={part: round(sum(m.get("time_" + part, 0) for m in state["metrics"]), 3)
+                               for part in ("rollout", "loss", "update", "eval")})
     if size > 1:  # torchrun: the activation meter is off; each rank's peak memory instead
         summary["peak_rss_bytes_per_rank"] = real_dllm.peak_memory_per_rank()
     weights = real_dllm.full_state(policy.model)[0] if out else None  # torchrun: all gather
@@ -605,7 +662,7 @@ def compare(policy, cfg, sample_counts, repeats=2):
         if cfg.perturb:
             perturb_weights(model, cfg.perturb, cfg.seed)
         Ks = sorted({min(K, n) for K in cfg.mc_batches})  # BGPO's samples per forward pass
-        calls = [("naive", 1, False), ("two_pass", 1, False)] + [("bgpo", K, False) for K in Ks]
+        calls = [(m, 1, False) for m in METHODS if m != "bgpo"] + [("bgpo", K, False) for K in Ks]
         for method, K, merge in calls + [("bgpo", Ks[0], True)]:
             def call():
                 return measure_loss_call(policy, batch, masks, weights, old_terms, method,
@@ -758,7 +815,7 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
         print(f"  y{i + 1:<2} A = {A[i]:+.3f}   R_lb = {R_lb[i]:+.6f} <= R = {R[i]:+.6f}   "
               f"{'holds' if R_lb[i] <= R[i] else 'FAILS'}")
     print("activation memory held for backward by one policy_loss_backward call on this batch")
-    for method in METHODS:
+    for method in ("bgpo", "naive", "two_pass"):
         nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, method, cfg.clip)[1]
         print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)

@@ -313,6 +313,12 @@ def activation_meter(model):
     """A SavedTensorMeter that leaves out the model's parameters and buffers."""
     return SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
 
+def clock(device):
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 def measure(fn, model, device):
     """Run fn() once: (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
     cuda = torch.device(device).type == "cuda"

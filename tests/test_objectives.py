@@ -54,13 +54,13 @@ def model64(tokenizer):
 
 
 @pytest.mark.parametrize("n", [1, 4, 16])
-def test_bgpo_and_two_pass_equal_naive_on_policy(model64, n):
+def test_every_method_equals_naive_on_policy(model64, n):
     batch = make_batch()
     assert (batch[2] > 0).any() and (batch[2] < 0).any() and (batch[2] == 0).any()
     masks, weights, old = masks_and_old_terms(model64, batch, n)
     v_naive, g_naive = grads_of(model64, "naive", batch, masks, weights, old)
     assert g_naive.abs().max() > 0
-    for method in ("bgpo", "two_pass"):
+    for method in ("bgpo", "two_pass", "tangent", "jensen"):
         v, g = grads_of(model64, method, batch, masks, weights, old)
         assert v == pytest.approx(v_naive, rel=1e-9, abs=1e-12)
         assert torch.allclose(g, g_naive, rtol=1e-9, atol=1e-12 * g_naive.abs().max())
@@ -103,7 +103,7 @@ class RowCounter(torch.nn.Module):
         return self.model(input_ids=input_ids, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["bgpo", "two_pass"])
+@pytest.mark.parametrize("method", ["bgpo", "two_pass", "tangent", "jensen"])
 def test_repeated_masks_are_computed_once_with_the_same_gradient(model64, method):
     """3-token responses have 7 non-empty masks: 16 samples repeat some. Each
     distinct one is computed once, and the gradient is the one computed the
@@ -114,8 +114,8 @@ def test_repeated_masks_are_computed_once_with_the_same_gradient(model64, method
     perturb(model64, 0.05)
     model64.zero_grad(set_to_none=True)
     terms = bgpo.elbo_terms(model64, prompts, responses, masks, weights, MASK)  # all 16
-    if method == "bgpo":
-        obvious = -bgpo.bgpo_sample_objective(terms, old, batch[2], 16).sum(0).mean()
+    if method != "two_pass":
+        obvious = -bgpo.bgpo_sample_objective(terms, old, batch[2], 16, method=method).sum(0).mean()
     else:
         obvious = -bgpo.naive_objective(terms, old, batch[2]).mean()
     obvious.backward()
@@ -184,14 +184,65 @@ def test_gradients_accumulate_across_calls(model64):
     assert torch.allclose(bgpo.flat_grad(model64), 2 * g, rtol=1e-12)
 
 
-def per_response_objectives(model, batch, masks, weights, old, mask_id=MASK):
+def per_response_objectives(model, batch, masks, weights, old, mask_id=MASK, method="bgpo"):
     prompts, responses, adv = batch
     with torch.no_grad():
         terms = bgpo.elbo_terms(model, prompts, responses, masks, weights, mask_id)
     naive = bgpo.naive_objective(terms, old, adv)
-    bound = sum(bgpo.bgpo_sample_objective(terms[j], old[j], adv, len(masks))
+    bound = sum(bgpo.bgpo_sample_objective(terms[j], old[j], adv, len(masks), method=method)
                 for j in range(len(masks)))
     return naive, bound
+
+
+def test_one_lemma_objectives_are_not_bounds(model64):
+    """Off-policy the tangent (1 + d) stays below R where A >= 0 and Jensen
+    (e^d) where A < 0, the sides their lemmas cover; each exceeds R for some
+    response of the other sign: only both together bound R from below."""
+    prompts, responses, _ = make_batch()
+    batch = (prompts, responses, torch.linspace(-2, 2, 12, dtype=torch.float64))
+    masks, weights, old = masks_and_old_terms(model64, batch, 8)
+    perturb(model64, 0.05)
+    R, tangent = per_response_objectives(model64, batch, masks, weights, old, method="tangent")
+    _, jensen = per_response_objectives(model64, batch, masks, weights, old, method="jensen")
+    _, both = per_response_objectives(model64, batch, masks, weights, old, method="bgpo")
+    up, down = batch[2] >= 0, batch[2] < 0
+    assert (both <= R + 1e-12).all()
+    assert (tangent[up] <= R[up] + 1e-12).all() and (tangent[down] > R[down] + 1e-9).any()
+    assert (jensen[down] <= R[down] + 1e-12).all() and (jensen[up] > R[up] + 1e-9).any()
+    assert torch.equal(torch.where(up, tangent, jensen), both)
+
+
+@pytest.mark.parametrize("method", ["bgpo", "naive", "two_pass", "jensen"])
+def test_recorded_distance_and_gap_match_the_obvious_ones(model64, method):
+    """policy_loss_backward's diagnostics, from the terms its loss computed: 0
+    on-policy; off-policy, the mean |d_j| per masked token, R - R_lb and the
+    clip's share, each computed the obvious way over all n_t samples."""
+    batch = make_batch()
+    prompts, responses, adv = batch
+    masks, weights, old = masks_and_old_terms(model64, batch, 6)
+    stats = {}
+    bgpo.policy_loss_backward(model64, *batch, masks, weights, None, MASK, method=method,
+                              clip=0.2, diagnostics=stats)
+    assert stats == dict(abs_d=0.0, gap=0.0, clipped=0.0)
+    perturb(model64, 0.3)
+    R, R_lb = per_response_objectives(model64, batch, masks, weights, old)
+    with torch.no_grad():
+        d = bgpo.elbo_terms(model64, prompts, responses, masks, weights, MASK) - old  # (n_t, B)
+    per_token = [d[j, i].abs() / (weights[j, i] * masks[j, i].sum())
+                 for j in range(6) for i in range(12) if masks[j, i].any()]
+    if method in ("naive", "two_pass"):
+        ratio = d.mean(0).exp()[None]                                   # one per response
+    else:
+        ratio = torch.where(adv >= 0, 1 + d, d.exp()) if method == "bgpo" else d.exp()
+    changed = ((adv > 0) & (ratio > 1.2)) | ((adv < 0) & ((ratio < 0.8) | (ratio > 3)))
+    stats = {}
+    bgpo.policy_loss_backward(model64, *batch, masks, weights, old, MASK, method=method,
+                              clip=0.2, diagnostics=stats)
+    assert stats["abs_d"] == pytest.approx(torch.stack(per_token).mean().item(), rel=1e-9)
+    assert stats["gap"] == pytest.approx((R - R_lb).mean().item(), rel=1e-9)
+    assert stats["gap"] > 1e-6
+    assert stats["clipped"] == pytest.approx(changed.double().mean().item(), rel=1e-12)
+    assert 0 < stats["clipped"] < 1
 
 
 def assert_equivalent_on_policy_bounded_off(model, batch, masks, weights, old, mask_id=MASK):
@@ -526,8 +577,8 @@ def test_memory_bgpo_flat_naive_linear(tokenizer):
                 model, prompts, responses, adv, masks, weights, old, MASK, method=method,
                 merge=False), model, "cpu")
     assert peak["naive", 1] > 0
-    assert peak["bgpo", 64] <= 1.05 * peak["bgpo", 1]
-    assert peak["two_pass", 64] <= 1.05 * peak["two_pass", 1]
+    for method in ("bgpo", "two_pass", "tangent", "jensen"):
+        assert peak[method, 64] <= 1.05 * peak[method, 1]
     assert peak["naive", 64] >= 32 * peak["naive", 1]
 
 

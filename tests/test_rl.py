@@ -28,9 +28,8 @@ def run(argv, capsys=None):
 def read_metrics(out):
     with open(out / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    for r in rows:
-        r.pop("seconds")  # wall time is the one thing allowed to differ
-    return rows
+    return [{key: v for key, v in r.items() if key != "seconds" and not key.startswith("time_")}
+            for r in rows]  # wall times are the one thing allowed to differ
 
 
 def same(x, y):
@@ -121,8 +120,28 @@ def test_same_seed_gives_identical_metrics(warm, tmp_path, capsys):
     assert read_metrics(tmp_path / "a")[0] != read_metrics(tmp_path / "c")[0]
 
 
+def test_metrics_split_each_steps_time_and_give_each_update_its_distance(warm, tmp_path, capsys):
+    """Two updates per rollout: the first is on-policy (gap and |d| exactly 0),
+    the second off (the bound below R: a gap > 0); the clip's share is
+    recorded with --clip; time_* per step, their totals in the summary."""
+    out = tmp_path / "run"
+    args = ["--updates-per-batch", "2", "--clip", "0.2", "--eval-every", "2", "--out", str(out)]
+    assert run(SMALL + args, capsys)[0] == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    for r in rows:
+        first, second = r["updates"]
+        assert first == dict(abs_d=0.0, gap=0.0, clipped=0.0)
+        assert second["abs_d"] > 0 and second["gap"] > 0 and 0 <= second["clipped"] <= 1
+        assert min(r["time_rollout"], r["time_loss"], r["time_update"]) > 0
+    assert [("time_eval" in r) for r in rows] == [False, True, True]
+    split = json.load(open(out / "summary.json"))["time_split"]
+    for part in ("rollout", "loss", "update", "eval"):
+        assert split[part] == pytest.approx(sum(r.get("time_" + part, 0) for r in rows), abs=1e-3)
+
+
 @pytest.mark.parametrize("extra", [
     ["--method", "naive", "--updates-per-batch", "2"],
+    ["--method", "jensen", "--updates-per-batch", "2"],
     ["--method", "two_pass", "--clip", "0.2", "--scheme", "uniform_t", "--temperature", "0",
      "--mc-batch", "2"],
 ])
