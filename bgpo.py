@@ -190,8 +190,7 @@ def masks_and_old_terms(policy, batch, n_samples, scheme, generator, length_norm
 #    naive:  R    = exp((1/n_t) sum_j d_j) * A                (one big graph)
 #    BGPO:   R_lb = sum_j g_j, g_j of step 4: a tangent (e^x >= 1 + x) for A >= 0,
 #            Jensen for A < 0. L = -(1/B) sum_i R_i; with R_lb, L = sum_j L_j.
-#    tangent, jensen: one lemma for every A (our reading of the paper's Table 3
-#            rows); not bounds: the tangent is above R for A < 0, Jensen for A > 0.
+#    tangent, jensen: one lemma for every A (Table 3's rows, our reading): not bounds.
 #    --clip (the official code, not the paper): the ratio e^{mean d}, or
 #    1 + d_j / e^{d_j}, clipped to [1 - eps, 1 + eps]; dual clip 3 A if A < 0.
 
@@ -210,9 +209,8 @@ def naive_objective(terms, old_terms, advantages, clip=None, counts=None):
     return clipped(torch.exp(mean_d), advantages, clip)
 
 def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None, method="bgpo"):
-    """g_j for one MC sample j: Float (B,). Linear in the sample, so
-    sum_j g_j can be backwarded one j at a time. method "tangent" or "jensen":
-    that lemma for every A."""
+    """g_j for one MC sample j: Float (B,). Linear in the sample, so sum_j g_j
+    can be backwarded one j at a time. "tangent", "jensen": that lemma for every A."""
     d = term - old_term                                                   # (B,)
     upper = {"bgpo": advantages >= 0, "tangent": True, "jensen": False}[method]
     upper = torch.as_tensor(upper, device=d.device)                       # (B,) or ()
@@ -317,12 +315,10 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
     """Backward L = -(1/B) sum_i R_i into .grad (accumulating); returns L.
     prompts (B, Lp), responses (B, L), advantages (B,); masks (n_t, B, L) and
     weights (n_t, B) from sample_masks; old_terms (n_t, B), or None on-policy
-    (each l_j's own value, detached). method: "bgpo", "naive", "two_pass" (the
-    naive gradient at constant memory), "tangent" or "jensen" (one lemma);
-    clip: PPO eps or None; mc_batch: samples per forward pass; merge: each
-    distinct mask once. mc_batch and merge change the gradient only by float
-    rounding. diagnostics: a dict that gets off_policy_stats."""
-
+    (each l_j's own value, detached). method: one of METHODS (two_pass: the naive
+    gradient at constant memory); clip: PPO eps or None; mc_batch: samples per
+    forward pass; merge: each distinct mask once (mc_batch and merge change the
+    gradient only by rounding); diagnostics: a dict, given off_policy_stats."""
     check_shapes(prompts, responses, masks, weights, advantages=advantages, old_terms=old_terms,
                  prompt_mask=prompt_mask)
     if method not in METHODS:
@@ -331,10 +327,8 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
         raise ValueError(f"mc_batch must be an integer >= 1, got {mc_batch!r}")
     if old_terms is not None:
         old_terms = old_terms.detach()  # the old policy's terms are constants of the objective
-    if merge:
-        masks, weights, old_terms, counts = merge_repeats(masks, weights, old_terms)
-    else:
-        counts = torch.ones_like(weights)
+    masks, weights, old_terms, counts = (merge_repeats(masks, weights, old_terms) if merge else
+                                         (masks, weights, old_terms, torch.ones_like(weights)))
     advantages, seen = advantages.detach(), None if diagnostics is None else []
     backward = {"naive": naive_loss_backward, "two_pass": two_pass_loss_backward}.get(
         method, functools.partial(bgpo_loss_backward, method=method))  # bgpo, tangent, jensen
@@ -345,19 +339,17 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
                                             weights, counts, method, clip))
     return loss
 
-def off_policy_stats(terms, old_terms, advantages, masks, weights, counts, method="bgpo",
-                     clip=None):
-    """How far an update is from the rollout's policy, from the l_j (n', B) its
-    loss computed anyway, as floats: abs_d, the mean |d_j| per masked token;
-    gap, the mean over responses of R - R_lb (BGPO's bound: >= 0, 0 on-policy);
-    with clip, clipped: the share of ratios (per sample; naive, two_pass: per
-    response) that the clip changed. counts as from merge_repeats."""
-    old = terms if old_terms is None else old_terms
-    tokens = weights * masks.sum(-1)                                      # (n', B): l_j's w |S|
+def off_policy_stats(terms, old_terms, advantages, masks, weights, counts, method="bgpo", clip=None):
+    """How far an update is from the rollout's policy, from the l_j (n', B) its loss
+    computed anyway: abs_d, the mean |d_j| per masked token; gap, the mean over
+    responses of R - R_lb (BGPO's bound: >= 0, 0 on-policy); with clip, clipped: the
+    share of ratios (per sample; naive, two_pass: per response) the clip changed."""
+    old = (terms if old_terms is None else old_terms).double()  # float64: gap ~1e-16 on-policy
+    terms, advantages, tokens = terms.double(), advantages.double(), weights * masks.sum(-1)
     used = counts * (tokens != 0)                                         # the empty mask: l_j = 0
     R = naive_objective(terms, old, advantages, counts=counts)            # (B,)
     R_lb = (counts * bgpo_sample_objective(terms, old, advantages, counts.sum(0))).sum(0)
-    per_token = (terms - old).abs() / tokens.where(used > 0, 1.0)
+    per_token = (terms - old).abs() / tokens.where(used > 0, 1.0)        # (n', B); w |S| per l_j
     stats = dict(abs_d=(used * per_token).sum() / used.sum(), gap=R - R_lb)
     if clip is not None and method in ("naive", "two_pass"):                # a ratio per response
         stats["clipped"] = (naive_objective(terms, old, advantages, clip, counts) != R).double()
@@ -446,9 +438,8 @@ def train(policy, cfg, out=None, resume_state=None):
 def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True, record=None):
     """Steps 3-5: masks (and old terms, off-policy), then one update per
     mini-batch of whole groups. Returns (mean loss, updates skipped, peak
-    activation bytes if measure_memory, else 0). record, a dict, gets the
-    seconds of the loss (old terms included) and of the updates, and each
-    update's off_policy_stats (under torchrun, this rank's)."""
+    activation bytes if measure_memory, else 0). record, a dict, gets the seconds of
+    the loss (old terms too) and the updates, and each update's off_policy_stats."""
     one_process, clock = real_dllm.world()[1] == 1, functools.partial(real_dllm.clock, policy.device)
     # torchrun: masks of this rank's own, from the state all ranks share; no merging, which
     # would give the ranks different numbers of (collective) forward passes
@@ -662,18 +653,19 @@ def compare(policy, cfg, sample_counts, repeats=2):
         if cfg.perturb:
             perturb_weights(model, cfg.perturb, cfg.seed)
         Ks = sorted({min(K, n) for K in cfg.mc_batches})  # BGPO's samples per forward pass
-        calls = [(m, 1, False) for m in METHODS if m != "bgpo"] + [("bgpo", K, False) for K in Ks]
-        for method, K, merge in calls + [("bgpo", Ks[0], True)]:
-            def call():
-                return measure_loss_call(policy, batch, masks, weights, old_terms, method,
-                                         cfg.clip, K, merge)
+        calls = [("naive", 1, False), ("two_pass", 1, False)] + [("bgpo", K, False) for K in Ks]
+        for method, K, merge in calls + [("bgpo", Ks[0], True), ("tangent", 1, False),
+                                         ("jensen", 1, False)]:
+            call = functools.partial(measure_loss_call, policy, batch, masks, weights,
+                                     old_terms, method, cfg.clip, K, merge)
             runs = [call() for _ in range(repeats)]  # the fastest; the memory is the same
             grad = flat_grad(model)
             if method == "naive":
-                reference = grad
+                reference, naive_seconds = grad, min(r[2] for r in runs)
             row = dict(method=method, samples=n, mc_batch=K, merged=merge, objective=-runs[0][0],
                        grad_max_abs_diff=(grad - reference).abs().max().item(),
                        peak_activation_bytes=runs[0][1], seconds=min(r[2] for r in runs),
+                       time_vs_naive=min(r[2] for r in runs) / naive_seconds,
                        cuda_peak_bytes=runs[0][3])
             if cfg.gradient_checkpointing:  # the same call with each layer checkpointed
                 real_dllm.set_checkpointing(model, True)
@@ -792,7 +784,7 @@ def explain(policy, cfg):
     explain_checks(policy, cfg, batch, masks, weights, old_terms)
 
 def explain_checks(policy, cfg, batch, masks, weights, old_terms):
-    """On --explain's batch: equal gradients, R_lb <= R off-policy, memory."""
+    """On --explain's batch: equal gradients on-policy, R_lb <= R off-policy."""
     model, n, A = policy.model, len(masks), batch.advantages
     bgpo_grad = flat_grad(model).clone()  # what step 4 accumulated
     measure_loss_call(policy, batch, masks, weights, old_terms, "naive", cfg.clip)
@@ -814,37 +806,26 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
     for i in range(len(A)):
         print(f"  y{i + 1:<2} A = {A[i]:+.3f}   R_lb = {R_lb[i]:+.6f} <= R = {R[i]:+.6f}   "
               f"{'holds' if R_lb[i] <= R[i] else 'FAILS'}")
-    print("activation memory held for backward by one policy_loss_backward call on this batch")
-    for method in ("bgpo", "naive", "two_pass"):
-        nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, method, cfg.clip)[1]
-        print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)
 
 def format_table(rows):
-    """Rows of dicts -> an aligned text table, with the units of the columns."""
-    def megabytes(key):
-        return lambda r: f"{r[key] / 2**20:.2f}"
-    if "method" in rows[0]:
-        naive = {r["samples"]: r["seconds"] for r in rows if r["method"] == "naive"}
-        columns = [("method", lambda r: r["method"]), ("n_t", lambda r: r["samples"]),
-                   ("K", lambda r: r["mc_batch"]),
-                   ("merged", lambda r: "yes" if r["merged"] else "no"),
-                   ("objective", lambda r: f"{r['objective']:+.6f}"),
-                   ("max|grad-naive|", lambda r: f"{r['grad_max_abs_diff']:.1e}"),
-                   ("act. MB", megabytes("peak_activation_bytes")),
-                   ("ms/call", lambda r: f"{1000 * r['seconds']:.0f}"),
-                   ("time/naive", lambda r: f"{r['seconds'] / naive[r['samples']]:.2f}")]
-        columns += [(head, megabytes(key)) for head, key in (
-            ("CUDA peak MB", "cuda_peak_bytes"), ("act. MB ckpt", "checkpointed_activation_bytes"),
-            ("CUDA peak MB ckpt", "checkpointed_cuda_peak_bytes")) if rows[0].get(key) is not None]
-    else:
-        columns = [("scheme", lambda r: r["scheme"]), ("n_t", lambda r: r["samples"])] + [
-            (head, lambda r, key=key: f"{r[key]:.3f}") for head, key in (
-                ("masks", "masks"), ("ELBO bias", "elbo_bias"), ("ELBO std", "elbo_std"),
-                ("ELBO floor", "elbo_floor"), ("rel. std", "rel_std"), ("rel. bias", "rel_bias"),
-                ("bias floor", "bias_floor"), ("rel. error", "rel_error"))]
-    table = [[head for head, _ in columns]] + [[str(cell(r)) for _, cell in columns] for r in rows]
-    widths = [max(len(row[c]) for row in table) for c in range(len(columns))]
+    """Rows of dicts -> an aligned text table of the columns below that the rows have."""
+    three, megabytes = "{:.3f}".format, lambda v: f"{v / 2**20:.2f}"
+    columns = dict(  # key: (head, format)
+        method=("method", str), scheme=("scheme", str), samples=("n_t", str), mc_batch=("K", str),
+        merged=("merged", lambda v: "yes" if v else "no"), objective=("objective", "{:+.6f}".format),
+        grad_max_abs_diff=("max|grad-naive|", "{:.1e}".format),
+        peak_activation_bytes=("act. MB", megabytes), seconds=("ms/call", lambda v: f"{1000 * v:.0f}"),
+        time_vs_naive=("time/naive", "{:.2f}".format), cuda_peak_bytes=("CUDA peak MB", megabytes),
+        checkpointed_activation_bytes=("act. MB ckpt", megabytes),
+        checkpointed_cuda_peak_bytes=("CUDA peak MB ckpt", megabytes), masks=("masks", three),
+        elbo_bias=("ELBO bias", three), elbo_std=("ELBO std", three), elbo_floor=("ELBO floor", three),
+        rel_std=("rel. std", three), rel_bias=("rel. bias", three), bias_floor=("bias floor", three),
+        rel_error=("rel. error", three))
+    shown = [key for key in columns if rows[0].get(key) is not None]
+    table = [[columns[key][0] for key in shown]] + [[columns[key][1](r[key]) for key in shown]
+                                                    for r in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(shown))]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in table)
 
 # -----------------------------------------------------------------------------

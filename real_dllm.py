@@ -323,15 +323,12 @@ def measure(fn, model, device):
     """Run fn() once: (its result, peak activation bytes, seconds, CUDA peak bytes or None)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
+    start = clock(device)
     with activation_meter(model) as meter:
         result = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = clock(device) - start
     return result, meter.peak_bytes, seconds, torch.cuda.max_memory_allocated() - base if cuda else None
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Redraw the README's figures from the small JSON inputs in docs/data/.
 
-    python docs/figures.py                  # docs/data/*.json -> docs/*.png
-    python docs/figures.py --collect RUNS   # first rebuild docs/data/ablation_len16.json
-                                            # from RUNS/n{n_t}-s{seed}/metrics.jsonl, and
-                                            # estimators_len16.json from RUNS/{scheme}-...
-    python docs/figures.py --table          # the two as tables (docs/results.md)
+    python docs/figures.py                          # docs/data/*.json -> docs/*.png
+    python docs/figures.py --runs runs/mine/*       # your runs: runs.png and a table
+    python docs/figures.py --collect NAME runs/x/*  # first docs/data/NAME.json from runs
+    python docs/figures.py --table NAME ...         # docs/data/NAME.json as tables
+
+--runs draws greedy test accuracy against step, one line per setting and a
+band over seeds, the settings told apart by what differs in the runs' run.json.
 
 Only the standard library and matplotlib (docs/requirements.txt): re-plotting
 needs neither torch nor the hour of runs. Each input names the command that
@@ -23,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 DOCS = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(DOCS, "data")
 COLORS = {"naive": "tab:red", "two_pass": "tab:orange", "bgpo": "tab:blue",
+          "tangent": "tab:green", "jensen": "tab:purple",
           "stratified": "tab:blue", "uniform_t": "tab:green", "complementary": "tab:purple",
           "one_step": "tab:red"}
 SCHEMES = ("stratified", "uniform_t", "complementary", "one_step")
@@ -54,23 +57,62 @@ def memory(out):
 
 def ablation(out):
     """Figure 2: greedy test accuracy against RL step, mean and spread over seeds, per n_t."""
-    data = read("ablation_len16.json")
+    runs = read("ablation_len16.json")["runs"]  # labels "samples=N"
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     cmap = plt.get_cmap("viridis")
-    counts = sorted(data["runs"], key=int)
-    for k, n in enumerate(counts):
-        seeds = data["runs"][n]
-        steps = sorted({s for run in seeds.values() for s, _ in run})
-        acc = [[100 * dict(run)[s] for run in seeds.values()] for s in steps]
-        mean = [statistics.mean(a) for a in acc]
-        std = [statistics.stdev(a) for a in acc]
-        color = cmap(k / max(1, len(counts) - 1))
-        ax.plot(steps, mean, "o-", color=color, label=f"n_t = {n}")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
-                        [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
+    labels = sorted(runs, key=lambda label: int(label.split("=")[1]))
+    for k, label in enumerate(labels):
+        band(ax, runs[label], "acc", cmap(k / max(1, len(labels) - 1)),
+             f"n_t = {label.split('=')[1]}")
     ax.set(xlabel="RL step", ylabel="greedy test accuracy (%)",
-           title=f"BGPO on 16-token answers, {len(next(iter(data['runs'].values())))} seeds")
+           title=f"BGPO on 16-token answers, {len(runs[labels[0]])} seeds")
     ax.legend()
+    save(fig, out)
+
+
+def offpolicy(out):
+    """Figure 5: two updates per rollout batch, per method: accuracy and the
+    bound's gap R - R_lb of the second (off-policy) update, at 3 and 16 tokens."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, (name, title) in enumerate((("offpolicy_len3", "3-token answers, n_t = 16"),
+                                         ("offpolicy_len16", "16-token answers, n_t = 4"))):
+        runs = read(name + ".json")["runs"]
+        for label, seeds in runs.items():
+            method = label.split()[0].split("=")[1]
+            style = dict(color=COLORS[method], label=label.replace("method=", ""))
+            band(axes[0, col], seeds, "acc", **style)
+            band(axes[1, col], seeds, "gap", scale=1, **style)
+            if "clip" in label:
+                for ax in axes[:, col]:
+                    ax.get_lines()[-1].set_linestyle("--")
+        axes[0, col].set(ylabel="greedy test accuracy (%)", title=title)
+        axes[1, col].set(xlabel="RL step", ylabel="gap R - R_lb, second update")
+        axes[0, col].legend(fontsize=7)
+    save(fig, out)
+
+
+def timesplit(out):
+    """Figure 6: seconds per step in rollout, loss, update and evaluation against
+    n_t, for bgpo and naive, at 3 and 16 tokens (short runs, one at a time)."""
+    runs = read("timesplit.json")["runs"]
+    parts = ("rollout", "loss", "update", "eval")
+    colors = dict(rollout="tab:gray", loss="tab:blue", update="tab:green", eval="tab:olive")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, length in zip(axes, ("3", "16")):
+        bars = sorted(((int(dict(kv.split("=") for kv in label.split())["samples"]),
+                        dict(kv.split("=") for kv in label.split())["method"], seeds)
+                       for label, seeds in runs.items()
+                       if f"response_length={length}" in label), key=lambda b: (b[1], b[0]))
+        for x, (n, method, seeds) in enumerate(bars):
+            run = next(iter(seeds.values()))
+            bottom = 0.0
+            for part in parts:
+                height = run["time_split"][part] / run["steps"]
+                ax.bar(x, height, bottom=bottom, color=colors[part], label=part if x == 0 else None)
+                bottom += height
+        ax.set_xticks(range(len(bars)), [f"{m}\n{n}" for n, m, _ in bars], fontsize=7)
+        ax.set(ylabel="seconds per step", title=f"{length}-token answers: method, n_t")
+    axes[0].legend(fontsize=8)
     save(fig, out)
 
 
@@ -114,42 +156,91 @@ def estimators(out):
     save(fig, out)
 
 
-def curves(runs):
-    """{setting: {seed: [[step, acc], ...]}} -> (steps, {setting: (means, stds)}) in %."""
-    steps = sorted({s for seeds in runs.values() for run in seeds.values() for s, _ in run})
-    out = {}
-    for name, seeds in runs.items():
-        acc = [[100 * dict(run)[s] for run in seeds.values()] for s in steps]
-        out[name] = ([statistics.mean(a) for a in acc], [statistics.stdev(a) for a in acc])
-    return steps, out
+def table(names):
+    """docs/data/NAME.json as markdown tables (docs/results.md)."""
+    for name in names:
+        data = read(name + ".json")
+        print(f"{name}: {data['command']}\n{summary_table(data['runs'])}\n")
 
 
-def table():
-    """The ablation's mean +- std over seeds at each evaluation, and every seed's end."""
-    runs = read("ablation_len16.json")["runs"]
-    steps = sorted({s for seeds in runs.values() for run in seeds.values() for s, _ in run})
-    print("| n_t | " + " | ".join(f"step {s}" for s in steps) + " |")
-    print("|---" * (len(steps) + 1) + "|")
-    for n in sorted(runs, key=int):
+SETTING_IGNORED = ("seed", "out", "resume", "save_every", "steps", "eval_every", "device", "json")
+
+
+def load_runs(dirs):
+    """Run directories (each with run.json, metrics.jsonl, summary.json) ->
+    {label: {seed: run}}: label names the settings in which the runs differ
+    (seed aside), run = dict(acc=[[step, acc]...], gap, abs_d, clipped (of the
+    later updates of each step, if any), time_split, seconds, steps)."""
+    found = []
+    for d in dirs:
+        paths = [os.path.join(d, name) for name in ("run.json", "metrics.jsonl", "summary.json")]
+        if not all(os.path.isfile(p) for p in paths):
+            print(f"skipped {d}: not a finished run (run.json, metrics.jsonl, summary.json)")
+            continue
+        with open(paths[0]) as f, open(paths[1]) as g, open(paths[2]) as h:
+            found.append((json.load(f), [json.loads(line) for line in g], json.load(h)))
+    keys = sorted({k for settings, _, _ in found for k in settings} - set(SETTING_IGNORED))
+    differ = [k for k in keys if len({json.dumps(s.get(k)) for s, _, _ in found}) > 1]
+    runs = {}
+    for settings, records, summary in found:
+        label = " ".join(k if settings.get(k) is True else f"{k}={settings.get(k)}" for k in differ
+                         if settings.get(k) not in (None, False)) or "all"
+        run = dict(acc=[[r["step"], r["acc"]] for r in records if "acc" in r],
+                   time_split=summary.get("time_split"), seconds=summary["seconds"],
+                   steps=summary["steps"])
+        for key in ("gap", "abs_d", "clipped"):  # the mean over a step's off-policy updates
+            later = [(r["step"], [u[key] for u in r.get("updates", [])[1:] if key in u])
+                     for r in records]
+            run[key] = [[step, statistics.mean(v)] for step, v in later if v]
+        runs.setdefault(label, {})[str(settings["seed"])] = run
+    return runs
+
+
+def band(ax, runs, key, color=None, label=None, scale=100):
+    """A line of the mean over seeds of runs' key against step, and a band of +- std."""
+    steps = sorted({s for run in runs.values() for s, _ in run[key]})
+    values = [[scale * dict(run[key])[s] for run in runs.values() if s in dict(run[key])]
+              for s in steps]
+    mean = [statistics.mean(v) for v in values]
+    std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    line, = ax.plot(steps, mean, "o-", markersize=3, color=color, label=label)
+    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                    color=line.get_color(), alpha=0.15)
+
+
+def summary_table(runs, key="acc"):
+    """Markdown: mean +- std over seeds at each evaluation, seconds per step, every seed's end."""
+    steps = sorted({s for seeds in runs.values() for run in seeds.values() for s, _ in run[key]})
+    lines = ["| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " | s/step |",
+             "|---" * (len(steps) + 3) + "|"]
+    for label, seeds in runs.items():
         cells = []
         for s in steps:
-            acc = [100 * dict(run)[s] for run in runs[n].values()]
-            cells.append(f"{statistics.mean(acc):.1f} +- {statistics.stdev(acc):.1f}")
-        print(f"| {n} | " + " | ".join(cells) + " |")
-    for n in sorted(runs, key=int):
-        ends = ", ".join(f"{100 * runs[n][seed][-1][1]:.1f}" for seed in sorted(runs[n], key=int))
-        print(f"n_t = {n}, seeds {', '.join(sorted(runs[n], key=int))}: {ends}")
-    if os.path.exists(os.path.join(DATA, "estimators_len16.json")):
-        data = read("estimators_len16.json")
-        steps, stats = curves(data["runs"])
-        print("\n| scheme, n_t | " + " | ".join(f"step {s}" for s in steps) + " | s/step |")
-        print("|---" * (len(steps) + 2) + "|")
-        for name, (mean, std) in stats.items():
-            cells = [f"{m:.1f} +- {s:.1f}" for m, s in zip(mean, std)]
-            print(f"| {name} | " + " | ".join(cells) + f" | {data['seconds_per_step'][name]:.2f} |")
-        for name, seeds in data["runs"].items():
-            print(f"{name}, seeds {', '.join(seeds)}: "
-                  + ", ".join(f"{100 * run[-1][1]:.1f}" for run in seeds.values()))
+            v = [100 * dict(run[key])[s] for run in seeds.values() if s in dict(run[key])]
+            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}")
+        timed = [run["seconds"] / run["steps"] for run in seeds.values() if "seconds" in run]
+        per_step = f"{statistics.median(timed):.2f}" if timed else "-"
+        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step} |")
+    for label, seeds in runs.items():
+        lines.append(f"{label}, seeds {', '.join(sorted(seeds))}: " + ", ".join(
+            f"{100 * seeds[seed][key][-1][1]:.1f}" for seed in sorted(seeds)))
+    return "\n".join(lines)
+
+
+def draw_runs(dirs, out):
+    """--runs: accuracy against step, a line per setting and a band over seeds."""
+    runs = load_runs(dirs)
+    if not runs:
+        raise SystemExit("figures.py: no finished run among the directories given")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seeds in runs.items():
+        band(ax, seeds, "acc", label=f"{label} ({len(seeds)} seeds)")
+    ax.set(xlabel="RL step", ylabel="greedy test accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(summary_table(runs))
+    print(f"wrote {out}")
 
 
 def save(fig, name):
@@ -159,56 +250,32 @@ def save(fig, name):
     print(f"wrote docs/{name}")
 
 
-def collect(runs):
-    """RUNS/n{n_t}-s{seed}/metrics.jsonl -> docs/data/ablation_len16.json:
-    {"runs": {n_t: {seed: [[step, accuracy], ...]}}}."""
-    path = os.path.join(DATA, "ablation_len16.json")
-    data = {"runs": {}}
-    for name in sorted(os.listdir(runs)):
-        if not (name.startswith("n") and "-s" in name
-                and os.path.isfile(os.path.join(runs, name, "metrics.jsonl"))):
-            continue
-        n, seed = name[1:].split("-s")
-        with open(os.path.join(runs, name, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
-        data["runs"].setdefault(n, {})[seed] = [[r["step"], r["acc"]] for r in records if "acc" in r]
-    with open(path, "w") as f:
+def collect(name, dirs, command):
+    """Run directories -> docs/data/NAME.json: {"command": ..., "runs": load_runs(dirs)}."""
+    data = {"command": command, "runs": load_runs(dirs)}
+    with open(os.path.join(DATA, name + ".json"), "w") as f:
         json.dump(data, f, indent=1)
-    print(f"wrote docs/data/ablation_len16.json from {runs}")
-    # the estimators: RUNS/{complementary-n2, complementary-n4, one_step}-s{seed}, beside
-    # the stratified runs above; seconds per step from each run's summary.json
-    estimators = {"runs": {}, "seconds_per_step": {}}
-    for name in sorted(os.listdir(runs)):
-        setting, _, seed = name.rpartition("-s")
-        if not (os.path.isfile(os.path.join(runs, name, "summary.json")) and (
-                setting.startswith(("complementary", "one_step")) or setting in ("n2", "n4", "n8"))):
-            continue
-        label = {"one_step": "one_step, 1"}.get(setting) or (
-            f"stratified, {setting[1:]}" if setting.startswith("n") else f"complementary, {setting[-1]}")
-        with open(os.path.join(runs, name, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
-        with open(os.path.join(runs, name, "summary.json")) as f:
-            summary = json.load(f)
-        estimators["runs"].setdefault(label, {})[seed] = [[r["step"], r["acc"]] for r in records
-                                                          if "acc" in r]
-        estimators["seconds_per_step"].setdefault(label, []).append(summary["seconds"] / summary["steps"])
-    estimators["seconds_per_step"] = {k: statistics.median(v) for k, v in
-                                      estimators["seconds_per_step"].items()}
-    with open(os.path.join(DATA, "estimators_len16.json"), "w") as f:
-        json.dump(estimators, f, indent=1)
-    print(f"wrote docs/data/estimators_len16.json from {runs}")
+    print(f"wrote docs/data/{name}.json from {len(dirs)} directories")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--collect", metavar="RUNS", help="rebuild the ablation input first")
-    parser.add_argument("--table", action="store_true", help="print the ablation table only")
+    parser.add_argument("--runs", nargs="+", metavar="DIR", help="draw these runs, not the docs' figures")
+    parser.add_argument("--to", default="runs.png", help="--runs: the figure's file (default: runs.png)")
+    parser.add_argument("--collect", nargs="+", metavar=("NAME", "DIR"),
+                        help="first write docs/data/NAME.json from these run directories")
+    parser.add_argument("--command", default="", help="--collect: the command that made the runs")
+    parser.add_argument("--table", nargs="+", metavar="NAME", help="print docs/data/NAME.json's tables only")
     args = parser.parse_args()
+    if args.runs:
+        raise SystemExit(draw_runs(args.runs, args.to))
     if args.collect:
-        collect(args.collect)
+        collect(args.collect[0], args.collect[1:], args.command)
     if args.table:
-        raise SystemExit(table())
+        raise SystemExit(table(args.table))
     memory("memory.png")
     ablation("ablation_len16.png")
     gradient("grad_stats.png")
     estimators("elbo_estimators.png")
+    offpolicy("offpolicy.png")
+    timesplit("timesplit.png")

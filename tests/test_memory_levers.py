@@ -137,7 +137,7 @@ def test_activation_budget_stops_before_anything_is_written_naming_what_fits(war
     # every method on the same work (all samples computed); merging is a row of its own
     assert [(r["method"], r["mc_batch"], r["merged"]) for r in rows if r["samples"] == 2] == [
         ("naive", 1, False), ("two_pass", 1, False), ("bgpo", 1, False), ("bgpo", 2, False),
-        ("bgpo", 1, True)]
+        ("bgpo", 1, True), ("tangent", 1, False), ("jensen", 1, False)]
     bgpo_rows = {(r["samples"], r["mc_batch"]): r for r in rows
                  if r["method"] == "bgpo" and not r["merged"]}
     assert set(bgpo_rows) == {(2, 1), (2, 2), (3, 1), (3, 2)}

@@ -223,7 +223,7 @@ def test_recorded_distance_and_gap_match_the_obvious_ones(model64, method):
     stats = {}
     bgpo.policy_loss_backward(model64, *batch, masks, weights, None, MASK, method=method,
                               clip=0.2, diagnostics=stats)
-    assert stats == dict(abs_d=0.0, gap=0.0, clipped=0.0)
+    assert stats["abs_d"] == 0 and abs(stats["gap"]) < 1e-12 and stats["clipped"] == 0
     perturb(model64, 0.3)
     R, R_lb = per_response_objectives(model64, batch, masks, weights, old)
     with torch.no_grad():
