@@ -78,11 +78,12 @@ def offpolicy(out):
                                          ("offpolicy_len16", "16-token answers, n_t = 4"))):
         runs = read(name + ".json")["runs"]
         for label, seeds in runs.items():
-            method = label.split()[0].split("=")[1]
-            style = dict(color=COLORS[method], label=label.replace("method=", ""))
+            settings = label_settings(label)
+            name = settings["method"] + (" --clip 0.2 --length-norm" if "clip" in settings else "")
+            style = dict(color=COLORS[settings["method"]], label=name)
             band(axes[0, col], seeds, "acc", **style)
             band(axes[1, col], seeds, "gap", scale=1, **style)
-            if "clip" in label:
+            if "clip" in settings:
                 for ax in axes[:, col]:
                     ax.get_lines()[-1].set_linestyle("--")
         axes[0, col].set(ylabel="greedy test accuracy (%)", title=title)
@@ -91,26 +92,33 @@ def offpolicy(out):
     save(fig, out)
 
 
+def label_settings(label):
+    """'method=bgpo samples=4 length_norm' -> {"method": "bgpo", "samples": "4", "length_norm": True}"""
+    return dict(kv.split("=", 1) if "=" in kv else (kv, True) for kv in label.split())
+
+
 def timesplit(out):
-    """Figure 6: seconds per step in rollout, loss, update and evaluation against
-    n_t, for bgpo and naive, at 3 and 16 tokens (short runs, one at a time)."""
+    """Figure 6: seconds per step in rollout, loss, update and evaluation, per
+    method and n_t (x2: two updates per rollout batch), at 3 and 16 tokens."""
     runs = read("timesplit.json")["runs"]
-    parts = ("rollout", "loss", "update", "eval")
     colors = dict(rollout="tab:gray", loss="tab:blue", update="tab:green", eval="tab:olive")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, length in zip(axes, ("3", "16")):
-        bars = sorted(((int(dict(kv.split("=") for kv in label.split())["samples"]),
-                        dict(kv.split("=") for kv in label.split())["method"], seeds)
-                       for label, seeds in runs.items()
-                       if f"response_length={length}" in label), key=lambda b: (b[1], b[0]))
-        for x, (n, method, seeds) in enumerate(bars):
-            run = next(iter(seeds.values()))
+        bars = [(label_settings(label), next(iter(seeds.values()))) for label, seeds in runs.items()
+                if label_settings(label)["response_length"] == length]
+        bars.sort(key=lambda b: (b[0].get("updates_per_batch", "1"), b[0].get("scheme", ""),
+                                 b[0]["method"], int(b[0]["samples"])))
+        names = []
+        for x, (settings, run) in enumerate(bars):
             bottom = 0.0
-            for part in parts:
+            for part, color in colors.items():
                 height = run["time_split"][part] / run["steps"]
-                ax.bar(x, height, bottom=bottom, color=colors[part], label=part if x == 0 else None)
+                ax.bar(x, height, bottom=bottom, color=color, label=part if x == 0 else None)
                 bottom += height
-        ax.set_xticks(range(len(bars)), [f"{m}\n{n}" for n, m, _ in bars], fontsize=7)
+            names.append(("one_step" if settings.get("scheme") == "one_step" else settings["method"])
+                         + f"\n{settings['samples']}"
+                         + (" x2" if settings.get("updates_per_batch") == "2" else ""))
+        ax.set_xticks(range(len(bars)), names, fontsize=7)
         ax.set(ylabel="seconds per step", title=f"{length}-token answers: method, n_t")
     axes[0].legend(fontsize=8)
     save(fig, out)
@@ -163,7 +171,8 @@ def table(names):
         print(f"{name}: {data['command']}\n{summary_table(data['runs'])}\n")
 
 
-SETTING_IGNORED = ("seed", "out", "resume", "save_every", "steps", "eval_every", "device", "json")
+SETTING_IGNORED = ("seed", "out", "resume", "save_every", "steps", "eval_every", "device", "json",
+                   "sample_counts", "mc_batches")  # the last two repeat samples, mc_batch
 
 
 def load_runs(dirs):
@@ -224,6 +233,17 @@ def summary_table(runs, key="acc"):
     for label, seeds in runs.items():
         lines.append(f"{label}, seeds {', '.join(sorted(seeds))}: " + ", ".join(
             f"{100 * seeds[seed][key][-1][1]:.1f}" for seed in sorted(seeds)))
+    if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
+        lines += ["", "| setting | gap R - R_lb | mean abs d per token | clipped share | "
+                  "s/step rollout | loss | update | eval |", "|---" * 8 + "|"]
+        for label, seeds in runs.items():
+            def mean_of(key, seeds=seeds):  # over the steps of every seed
+                v = [x for run in seeds.values() for _, x in run.get(key, [])]
+                return f"{statistics.mean(v):.2e}" if v else "-"
+            split = [statistics.mean(run["time_split"][part] / run["steps"] for run in seeds.values())
+                     for part in ("rollout", "loss", "update", "eval")]
+            lines.append(f"| {label} | {mean_of('gap')} | {mean_of('abs_d')} | {mean_of('clipped')} | "
+                         + " | ".join(f"{t:.3f}" for t in split) + " |")
     return "\n".join(lines)
 
 

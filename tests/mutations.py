@@ -1,7 +1,7 @@
 """Break the code on purpose, one plausible bug at a time, and run the one
 test that should catch it: a claim test counts once it has been seen failing.
 
-    python tests/mutations.py              # every mutation (about 6 minutes on 2 cores)
+    python tests/mutations.py              # every mutation (5-10 minutes on 2 cores)
     python tests/mutations.py lora resume  # those whose name holds one of these words
 
 Each mutation is made in a copy of the project in a temporary directory (the
@@ -66,15 +66,15 @@ MUTATIONS = [
      "/ n_samples).long() - 1) % L + 1",
      OBJ + "test_stratified_count_of_every_sample_is_uniform"),
     ("tangent 1 + d replaced by e^d", "bgpo.py",
-     "return torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))",
-     "return torch.where(upper, torch.exp(d), torch.exp(d.masked_fill(upper, 0.0)))",
+     "ratio = torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))",
+     "ratio = torch.where(upper, torch.exp(d), torch.exp(d.masked_fill(upper, 0.0)))",
      OBJ + "test_bound_holds_off_policy"),
     ("tangent row: the tangent only where A >= 0 (bgpo itself)", "bgpo.py",
      '"tangent": True,', '"tangent": advantages >= 0,',
      OBJ + "test_one_lemma_objectives_are_not_bounds"),
     ("Jensen's e^d detached", "bgpo.py",
-     "return torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))",
-     "return torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)).detach())",
+     "ratio = torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)))",
+     "ratio = torch.where(upper, 1 + d, torch.exp(d.masked_fill(upper, 0.0)).detach())",
      OBJ + "test_every_method_equals_naive_on_policy"),
     ("step 4 ignores the method: tangent and jensen train as bgpo", "bgpo.py",
      "g = bgpo_sample_objective(terms, old, advantages, n_t, clip, method)",
