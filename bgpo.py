@@ -436,10 +436,9 @@ def train(policy, cfg, out=None, resume_state=None):
     return finish(policy, cfg, state, out)
 
 def rl_step(policy, optimizer, batch, cfg, data_rng, measure_memory=True, record=None):
-    """Steps 3-5: masks (and old terms, off-policy), then one update per
-    mini-batch of whole groups. Returns (mean loss, updates skipped, peak
-    activation bytes if measure_memory, else 0). record, a dict, gets the seconds of
-    the loss (old terms too) and the updates, and each update's off_policy_stats."""
+    """Steps 3-5: masks (and old terms, off-policy), then one update per mini-batch of whole
+    groups. Returns (mean loss, updates skipped, peak activation bytes if measure_memory, else
+    0); record, a dict, gets the loss's and updates' seconds and each update's off_policy_stats."""
     one_process, clock = real_dllm.world()[1] == 1, functools.partial(real_dllm.clock, policy.device)
     # torchrun: masks of this rank's own, from the state all ranks share; no merging, which
     # would give the ranks different numbers of (collective) forward passes
@@ -515,8 +514,7 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
 def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar, more=()):
-    """One metrics record (with more: rl_step's), with the test accuracy every
-    cfg.eval_every steps and the seconds it took."""
+    """One metrics record (with rl_step's), the test accuracy every eval_every steps, its time."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
     record = dict(step=step, reward_mean=real_dllm.global_mean(batch.rewards.mean().item()),
@@ -654,8 +652,7 @@ def compare(policy, cfg, sample_counts, repeats=2):
             perturb_weights(model, cfg.perturb, cfg.seed)
         Ks = sorted({min(K, n) for K in cfg.mc_batches})  # BGPO's samples per forward pass
         calls = [("naive", 1, False), ("two_pass", 1, False)] + [("bgpo", K, False) for K in Ks]
-        for method, K, merge in calls + [("bgpo", Ks[0], True), ("tangent", 1, False),
-                                         ("jensen", 1, False)]:
+        for method, K, merge in calls + [("bgpo", Ks[0], True)] + [(m, 1, False) for m in METHODS[3:]]:
             call = functools.partial(measure_loss_call, policy, batch, masks, weights,
                                      old_terms, method, cfg.clip, K, merge)
             runs = [call() for _ in range(repeats)]  # the fastest; the memory is the same
@@ -784,7 +781,7 @@ def explain(policy, cfg):
     explain_checks(policy, cfg, batch, masks, weights, old_terms)
 
 def explain_checks(policy, cfg, batch, masks, weights, old_terms):
-    """On --explain's batch: equal gradients on-policy, R_lb <= R off-policy."""
+    """On --explain's batch: equal gradients, R_lb <= R off-policy, memory."""
     model, n, A = policy.model, len(masks), batch.advantages
     bgpo_grad = flat_grad(model).clone()  # what step 4 accumulated
     measure_loss_call(policy, batch, masks, weights, old_terms, "naive", cfg.clip)
@@ -806,6 +803,10 @@ def explain_checks(policy, cfg, batch, masks, weights, old_terms):
     for i in range(len(A)):
         print(f"  y{i + 1:<2} A = {A[i]:+.3f}   R_lb = {R_lb[i]:+.6f} <= R = {R[i]:+.6f}   "
               f"{'holds' if R_lb[i] <= R[i] else 'FAILS'}")
+    print("activation memory held for backward by one policy_loss_backward call on this batch")
+    for method in ("bgpo", "naive", "two_pass"):
+        nbytes = measure_loss_call(policy, batch, masks, weights, old_terms, method, cfg.clip)[1]
+        print(f"  {method:<8} {nbytes / 2**20:8.3f} MB")
     model.zero_grad(set_to_none=True)
 
 def format_table(rows):
@@ -823,8 +824,7 @@ def format_table(rows):
         rel_std=("rel. std", three), rel_bias=("rel. bias", three), bias_floor=("bias floor", three),
         rel_error=("rel. error", three))
     shown = [key for key in columns if rows[0].get(key) is not None]
-    table = [[columns[key][0] for key in shown]] + [[columns[key][1](r[key]) for key in shown]
-                                                    for r in rows]
+    table = [[columns[k][0] for k in shown]] + [[columns[k][1](r[k]) for k in shown] for r in rows]
     widths = [max(len(row[c]) for row in table) for c in range(len(shown))]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in table)
 

@@ -71,11 +71,12 @@ def ablation(out):
 
 
 def offpolicy(out):
-    """Figure 5: two updates per rollout batch, per method: accuracy and the
-    bound's gap R - R_lb of the second (off-policy) update, at 3 and 16 tokens."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    """Figure 5: two updates per rollout batch (four: right), per method: accuracy
+    and the bound's gap R - R_lb of the later (off-policy) updates."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for col, (name, title) in enumerate((("offpolicy_len3", "3-token answers, n_t = 16"),
-                                         ("offpolicy_len16", "16-token answers, n_t = 4"))):
+                                         ("offpolicy_len16", "16-token answers, n_t = 4"),
+                                         ("offpolicy_len3x4", "3 tokens, 4 updates a batch"))):
         runs = read(name + ".json")["runs"]
         for label, seeds in runs.items():
             settings = label_settings(label)
@@ -87,7 +88,7 @@ def offpolicy(out):
                 for ax in axes[:, col]:
                     ax.get_lines()[-1].set_linestyle("--")
         axes[0, col].set(ylabel="greedy test accuracy (%)", title=title)
-        axes[1, col].set(xlabel="RL step", ylabel="gap R - R_lb, second update")
+        axes[1, col].set(xlabel="RL step", ylabel="gap R - R_lb, off-policy updates")
         axes[0, col].legend(fontsize=7)
     save(fig, out)
 
@@ -207,9 +208,8 @@ def load_runs(dirs):
 
 def band(ax, runs, key, color=None, label=None, scale=100):
     """A line of the mean over seeds of runs' key against step, and a band of +- std."""
-    steps = sorted({s for run in runs.values() for s, _ in run[key]})
-    values = [[scale * dict(run[key])[s] for run in runs.values() if s in dict(run[key])]
-              for s in steps]
+    steps = sorted(set.intersection(*[{s for s, _ in run[key]} for run in runs.values()]))
+    values = [[scale * dict(run[key])[s] for run in runs.values()] for s in steps]
     mean = [statistics.mean(v) for v in values]
     std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
     line, = ax.plot(steps, mean, "o-", markersize=3, color=color, label=label)
@@ -219,7 +219,8 @@ def band(ax, runs, key, color=None, label=None, scale=100):
 
 def summary_table(runs, key="acc"):
     """Markdown: mean +- std over seeds at each evaluation, seconds per step, every seed's end."""
-    steps = sorted({s for seeds in runs.values() for run in seeds.values() for s, _ in run[key]})
+    every = [{s for s, _ in run[key]} for seeds in runs.values() for run in seeds.values()]
+    steps = sorted(set.intersection(*every))  # evaluated in every run
     lines = ["| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " | s/step |",
              "|---" * (len(steps) + 3) + "|"]
     for label, seeds in runs.items():

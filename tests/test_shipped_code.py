@@ -66,7 +66,7 @@ def test_standin_trains_compares_saves_and_resumes(standins, code, tmp_path, cap
                       "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["method"], r["samples"]) for r in rows} == {
-        (m, n) for m in ("naive", "two_pass", "bgpo") for n in (1, 2)}
+        (m, n) for m in bgpo.METHODS for n in (1, 2)}
 
 
 @pytest.mark.parametrize("code", ["llada_like", "dream_like"])
