@@ -513,13 +513,13 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
                     state["acc_before"])
     return dict(state, last_acc=last_acc, last_eval=None, started=time.time() - state["seconds"])
 
-def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar, more=()):
+def log_step(state, step, batch, loss, skipped, peak, policy, cfg, bar, more):
     """One metrics record (with rl_step's), the test accuracy every eval_every steps, its time."""
     state["peak_activation_bytes"] = max(state["peak_activation_bytes"], peak)
     state["skipped_updates"] += skipped
     record = dict(step=step, reward_mean=real_dllm.global_mean(batch.rewards.mean().item()),
                   loss=real_dllm.global_mean(loss), skipped_updates=skipped,
-                  seconds=round(time.time() - state["started"], 3), **dict(more))
+                  seconds=round(time.time() - state["started"], 3), **more)
     if step % cfg.eval_every == 0 or step == cfg.steps:
         start = real_dllm.clock(policy.device)
         state["last_eval"] = evaluate_policy(policy, cfg)  # (acc, failures)

@@ -105,8 +105,9 @@ def timesplit(out):
     colors = dict(rollout="tab:gray", loss="tab:blue", update="tab:green", eval="tab:olive")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, length in zip(axes, ("3", "16")):
-        bars = [(label_settings(label), next(iter(seeds.values()))) for label, seeds in runs.items()
-                if label_settings(label)["response_length"] == length]
+        bars = [(settings, next(iter(seeds.values()))) for settings, seeds in
+                ((label_settings(label), seeds) for label, seeds in runs.items())
+                if settings["response_length"] == length]
         bars.sort(key=lambda b: (b[0].get("updates_per_batch", "1"), b[0].get("scheme", ""),
                                  b[0]["method"], int(b[0]["samples"])))
         names = []
