@@ -9,6 +9,7 @@ module, and raises ValueError for what cannot be used.
 """
 
 import contextlib
+import gc
 import inspect
 import json
 import math
@@ -367,7 +368,13 @@ def start(name="auto"):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, True
 
-def stop():
+def stop(clean=True):
+    """Leave the group while the interpreter lives (clean: all ranks done). The sharded model
+    holds it: collected first, the group's gloo threads end now, not at shutdown, where one
+    freeing a work aborts the process (torch 2.13, pytorch/pytorch#190489; tests/teardown.py)."""
+    if clean:
+        dist.barrier()
+    gc.collect()  # the caller has dropped the model; its reference cycles hold the group
     dist.destroy_process_group()
 
 @contextlib.contextmanager

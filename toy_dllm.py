@@ -1,8 +1,10 @@
 """A tiny masked-diffusion language model that learns to add.
 
-The toy task, its vocabulary, the network, the forward (masking) process,
-the training loss, the LLaDA-style sampler and a supervised warm start.
-Nothing here knows about RL; bgpo.py imports this file and adds it.
+The toy task and its reward, the vocabulary, the forward (masking) process
+and training loss, the LLaDA-style sampler, the network, and a supervised
+warm start. Nothing here knows about RL; bgpo.py imports this file and adds
+it. Sections 1-5 read top-down, each function before the ones it calls, in
+the order an RL step uses them; 6-8 (evaluation, warm start, saving) use them.
 
     operands   a = 37, b = 48, each written with exactly n_digits digits
     prompt x   "37+48="                       6 tokens, never masked
@@ -80,9 +82,18 @@ class ArithmeticTask:
         d = self.n_digits
         return [f"{a:0{d}d}+{b:0{d}d}=" for a, b in problems.tolist()]
 
+    def rewards(self, problems, texts):
+        """Float (B,): 1.0 where the decoded answer is the true one, else 0.0.
+        Strict: for 37+48, "085" is right; "85", "0850" and "08<end>5" are wrong."""
+        return torch.tensor([float(s == t) for s, t in zip(texts, self.answers(problems))])
+
     def answers(self, problems):
         """[(37, 48)] -> ["085"]"""
         return [f"{a + b:0{self.n_digits + 1}d}" for a, b in problems.tolist()]
+
+def exact_match_reward(task, tokenizer, problems, responses):
+    """Float (B,): task.rewards of the decoded responses (B, L)."""
+    return task.rewards(problems, decode_responses(tokenizer, responses))
 
 def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
     """Disjoint train and test problems from a seeded permutation of all pairs
@@ -108,21 +119,6 @@ def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
     pairs = torch.stack([ids // 10**n_digits, ids % 10**n_digits], dim=1)  # (n, 2)
     return ArithmeticTask(n_digits, train=pairs[n_test:], test=pairs[:n_test])
 
-def decode_responses(tokenizer, responses):
-    """Token ids (B, L) -> the text before the first end token (as LLaDA
-    decodes), without special tokens and spaces."""
-    end = end_token_id(tokenizer)
-    rows = [row[:row.index(end)] if end in row else row for row in responses.tolist()]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
-    return ["".join(t.split()) for t in texts]
-
-def exact_match_reward(task, tokenizer, problems, responses):
-    """Float (B,): 1.0 where the decoded response is the answer, else 0.0.
-    Strict: for 37+48, "085" is right; "85", "0850" and "08<end>5" are wrong."""
-    said = decode_responses(tokenizer, responses)
-    truth = task.answers(problems)
-    return torch.tensor([float(s == t) for s, t in zip(said, truth)])
-
 # -----------------------------------------------------------------------------
 # 2. The vocabulary: one token per character, plus [PAD] and [MASK]
 #    [PAD] doubles as the end token that pads a response to its fixed length.
@@ -135,13 +131,6 @@ def build_tokenizer():
     tok.decoder = decoders.Fuse()  # "0" "8" "5" -> "085", no spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
                                    eos_token="[PAD]", mask_token="[MASK]")
-
-def end_token_id(tokenizer):
-    """The token that pads a response after its answer."""
-    for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            return tid
-    raise ValueError("the tokenizer names no end, separator or padding token")
 
 def show_tokens(tokenizer, prompt, response, mask=None):
     """'37+48=' + '0_5': a prompt, then its response with '_' where masked and
@@ -176,43 +165,22 @@ def encode_responses(tokenizer, texts, length):
     pad = end_token_id(tokenizer)
     return torch.tensor([row + [pad] * (length - len(row)) for row in ids])
 
-# -----------------------------------------------------------------------------
-# 3. The network: a stock bidirectional masked LM with a tiny config
+def decode_responses(tokenizer, responses):
+    """Token ids (B, L) -> the texts before the first end token (as LLaDA's), without spaces."""
+    end = end_token_id(tokenizer)
+    rows = [row[:row.index(end)] if end in row else row for row in responses.tolist()]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return ["".join(t.split()) for t in texts]
 
-def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
-                num_heads=4, intermediate_size=256):
-    """A fresh BertForMaskedLM sized for the toy task, without dropout: an RL
-    objective compares the same model's log-probs on the same inputs."""
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=max_length,
-        type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return BertForMaskedLM(config)
-
-def forward_logits(model, input_ids, attention_mask=None):
-    """model(input_ids).logits, (B, T, V): position i predicts token i.
-    attention_mask: Bool (B, T), False at left padding, or None; it goes in
-    with position_ids from each row's first real token, so a padded prompt
-    reads like the prompt alone. On CUDA the forward runs in bfloat16."""
-    use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
-    padding = {}
-    if attention_mask is not None:
-        real = attention_mask.long()                                       # (B, T)
-        padding = dict(attention_mask=real, position_ids=(real.cumsum(-1) - 1).clamp(min=0))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        return model(input_ids=input_ids, **padding).logits                 # (B, T, V)
-
-def with_response(prompt_mask, length):
-    """Bool (B, Lp) prompt mask -> Bool (B, Lp + length): responses are never padding."""
-    if prompt_mask is None:
-        return None
-    return torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], length)], 1)
+def end_token_id(tokenizer):
+    """The token that pads a response after its answer."""
+    for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            return tid
+    raise ValueError("the tokenizer names no end, separator or padding token")
 
 # -----------------------------------------------------------------------------
-# 4. Forward process and training loss
+# 3. Forward process and training loss
 #    q(y_t | y): each response token becomes [MASK] independently with prob. t
 #    loss = -E_t E_{y_t} (1/t) sum_i 1[y_t^i = M] log p(y^i | y_t, x) / L
 
@@ -224,12 +192,12 @@ def forward_mask(responses, t, generator=None):
     return u.to(responses.device) < t[:, None]
 
 def token_log_probs(model, prompts, responses, mask, mask_id, prompt_mask=None):
-    """log p_theta(y^i | y_t, x) at every response position: Float (B, L), in
-    float32 or better. y_t is responses (B, L) with mask (B, L) set to
-    mask_id; prompt_mask (B, Lp) is False at left padding, or None."""
+    """log p_theta(y^i | y_t, x) at every response position, Float (B, L), float32 or better:
+    y_t is responses (B, L) with mask_id where mask (B, L); prompt_mask (B, Lp) or None."""
     noisy = torch.where(mask, mask_id, responses)                    # (B, L)
-    logits = forward_logits(model, torch.cat([prompts, noisy], dim=1),
-                            with_response(prompt_mask, responses.shape[1]))
+    attention = None if prompt_mask is None else torch.cat(         # responses are never padding
+        [prompt_mask, torch.ones_like(mask)], 1)
+    logits = forward_logits(model, torch.cat([prompts, noisy], dim=1), attention)
     logits = logits[:, prompts.shape[1]:]                             # (B, L, V)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log_softmax over a large vocabulary needs it
@@ -243,62 +211,28 @@ def diffusion_loss(model, prompts, responses, t, mask, mask_id):
     return -(per_row / responses.shape[1]).mean()
 
 # -----------------------------------------------------------------------------
-# 5. The sampler (LLaDA, "low-confidence remasking")
+# 4. The sampler (LLaDA, "low-confidence remasking")
 #    From an all-[MASK] response, block by block, left to right: each of a
 #    block's steps predicts its masked positions and commits the k most
 #    confident, k from a linear schedule that fills the block on its last step.
 
-def transfer_schedule(block_length, steps):
-    """How many tokens to commit at each step of a block: 5 over 3 -> [2, 2, 1]."""
-    base, extra = divmod(block_length, steps)
-    return [base + (1 if s < extra else 0) for s in range(steps)]
-
-def sampler_blocks(length, block_length=None, steps=None):
-    """(block length, number of blocks, steps per block) of `length` tokens;
-    defaults: one block, one token per step."""
-    block_length = length if block_length is None else block_length
-    steps = length if steps is None else steps
-    if length <= 0:
-        raise ValueError(f"length must be positive, got {length}")
-    if block_length <= 0 or length % block_length:
-        raise ValueError(f"block_length={block_length} must be positive and divide length={length}")
-    n_blocks = length // block_length
-    if steps <= 0 or steps % n_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
-    return block_length, n_blocks, steps // n_blocks
-
 @torch.no_grad()
 def generate(model, prompts, mask_id, length, block_length=None, steps=None,
              temperature=0.0, remasking="low_confidence", generator=None, prompt_mask=None):
-    """Sample responses of `length` tokens for a batch of prompts.
-
-    Args:
-        model: any masked LM; model(input_ids=...).logits is (B, T, V).
-        prompts: Long (B, Lp), never changed.
-        mask_id: the [MASK] token id.
-        length: response length L; block_length must divide it (default L).
-        steps: denoising steps in all, a multiple of the number of blocks
-            (default L, one token per step).
-        temperature: 0 picks the most likely token (greedy); > 0 samples.
-        remasking: "low_confidence" commits the k most probable predictions;
-            "random" commits k masked positions chosen at random.
-        generator: a torch.Generator on the model's device, for sampling.
-        prompt_mask: Bool (B, Lp), False at left padding, or None (no padding).
-    Returns:
-        Long (B, L): the responses, without any mask token.
-    """
+    """Long (B, L): responses of L = length tokens to prompts (B, Lp), no mask left. model:
+    any masked LM (logits (B, T, V)); block_length divides L; steps in all, a multiple of
+    the blocks (both default L); temperature 0: greedy; remasking: "low_confidence" or
+    "random"; generator on the model's device; prompt_mask (B, Lp): False at left padding."""
     block_length, n_blocks, steps_per_block = sampler_blocks(length, block_length, steps)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"unknown remasking {remasking!r}: use 'low_confidence' or 'random'")
-
+    if temperature < 0 or remasking not in ("low_confidence", "random"):
+        raise ValueError(f"temperature must be >= 0 and remasking 'low_confidence' or 'random', "
+                         f"got {temperature} and {remasking!r}")
     B, Lp = prompts.shape
     x = torch.cat([prompts, torch.full((B, length), mask_id, device=prompts.device)], 1)
-    attention = with_response(prompt_mask, length)                         # (B, T) or None
+    attention = None if prompt_mask is None else torch.cat(                # (B, T) or None
+        [prompt_mask, prompt_mask.new_ones(B, length)], 1)
     for block in range(n_blocks):
-        lo = Lp + block * block_length
-        hi = lo + block_length
+        lo, hi = Lp + block * block_length, Lp + (block + 1) * block_length  # the block's columns
         for k in transfer_schedule(block_length, steps_per_block):
             if k == 0:
                 continue
@@ -320,6 +254,51 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
             commit = torch.zeros_like(masked).scatter_(1, chosen, True)
             x[:, lo:hi] = torch.where(commit, pred, x[:, lo:hi])
     return x[:, Lp:]
+
+def sampler_blocks(length, block_length=None, steps=None):
+    """(block length, blocks, steps per block) of `length` tokens; default: 1 block, L steps."""
+    block_length = length if block_length is None else block_length
+    steps = length if steps is None else steps
+    if length <= 0 or block_length <= 0 or length % block_length:
+        raise ValueError(f"length={length} and block_length={block_length} must be positive, "
+                         "the block length dividing the length")
+    if steps <= 0 or steps % (length // block_length):
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
+                         f"({length // block_length})")
+    return block_length, length // block_length, steps // (length // block_length)
+
+def transfer_schedule(block_length, steps):
+    """How many tokens to commit at each step of a block: 5 over 3 -> [2, 2, 1]."""
+    base, extra = divmod(block_length, steps)
+    return [base + (1 if s < extra else 0) for s in range(steps)]
+
+# -----------------------------------------------------------------------------
+# 5. The network: a stock bidirectional masked LM with a tiny config
+
+def build_model(tokenizer, max_length, seed=0, hidden_size=128, num_layers=4,
+                num_heads=4, intermediate_size=256):
+    """A fresh BertForMaskedLM sized for the toy task, without dropout: an RL
+    objective compares the same model's log-probs on the same inputs."""
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_length,
+        type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)
+
+def forward_logits(model, input_ids, attention_mask=None):
+    """model(input_ids).logits, (B, T, V): position i predicts token i. attention_mask: Bool
+    (B, T), False at left padding, or None; positions count from each row's first real
+    token, so a padded prompt reads like the prompt alone. On CUDA: bfloat16."""
+    use_bf16 = input_ids.is_cuda and getattr(model, "dtype", None) == torch.float32
+    padding = {}
+    if attention_mask is not None:
+        real = attention_mask.long()                                       # (B, T)
+        padding = dict(attention_mask=real, position_ids=(real.cumsum(-1) - 1).clamp(min=0))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        return model(input_ids=input_ids, **padding).logits                 # (B, T, V)
 
 # -----------------------------------------------------------------------------
 # 6. Evaluation: greedy exact-match accuracy, with a few failures shown

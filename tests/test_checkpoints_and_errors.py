@@ -147,7 +147,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(warm, tmp_path, capsy
     args[1] = "5"  # --steps 5: checkpoints at 2 and 4, evaluations at 2, 4 and 5
     assert run(args + ["--out", str(tmp_path / "whole")], capsys)[0] == 0
 
-    real_step, calls = bgpo.rl_step, []
+    real_step, calls = bgpo.policy_loss_backward, []
 
     def interrupted_at_step_4(*a, **k):
         calls.append(1)
@@ -155,12 +155,12 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(warm, tmp_path, capsy
             raise KeyboardInterrupt  # Ctrl-C in the middle of step 4
         return real_step(*a, **k)
 
-    monkeypatch.setattr(bgpo, "rl_step", interrupted_at_step_4)
+    monkeypatch.setattr(bgpo, "policy_loss_backward", interrupted_at_step_4)
     status, err = run(args + ["--out", str(tmp_path / "cut")], capsys)
     assert status == 130 and "--resume" in err
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3]
     assert not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.setattr(bgpo, "rl_step", real_step)
+    monkeypatch.setattr(bgpo, "policy_loss_backward", real_step)
 
     status, err = run(["--resume", str(tmp_path / "cut")], capsys)
     assert status == 0, err
@@ -209,28 +209,17 @@ def test_non_finite_update_is_skipped_and_never_reaches_the_weights(warm, tmp_pa
         assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_skipped_update_leaves_weights_and_optimizer_untouched(warm, monkeypatch):
+def test_skipped_update_leaves_weights_and_optimizer_untouched(warm):
     import copy
-    model, tokenizer, task, _ = warm
-    policy = bgpo.Policy(copy.deepcopy(model), tokenizer, task, tokenizer.mask_token_id,
-                         task.answer_length, torch.device("cpu"))
-    cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
-    cfg.samples = 2
-    batch = bgpo.rollout(policy, task.train[:4], cfg, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
-    before = [p.detach().clone() for p in policy.model.parameters()]
-
-    def poisoned(model, *a, **k):
-        for p in model.parameters():
-            p.grad = torch.full_like(p, float("inf"))
-        return 1.0  # a finite loss, but not a finite gradient
-
-    monkeypatch.setattr(bgpo, "policy_loss_backward", poisoned)
+    model = copy.deepcopy(warm[0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
     with pytest.warns(UserWarning):
-        loss, skipped, _ = bgpo.rl_step(policy, optimizer, batch, cfg, torch.Generator())
-    assert skipped == 1 and loss != loss  # nan: no update was taken
-    assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
-    assert not optimizer.state
+        assert not bgpo.update(model, optimizer, 1.0)  # a finite loss, but not a finite gradient
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
 
 
 def start_real_processes(directory):

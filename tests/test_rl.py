@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ import bgpo
 import real_dllm
 import toy_dllm
 from conftest import TINY_WARM_START
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
+import grad_stats  # noqa: E402 (docs/grad_stats.py)
 
 # a short run; test evaluation (most of its time) only before and after
 SMALL = ["--steps", "3", "--prompts", "4", "--group", "4", "--samples", "2"]
@@ -174,9 +178,9 @@ def test_bgpo_and_naive_runs_match_on_policy(warm, tmp_path, capsys, monkeypatch
     BGPO's g_j without its 1 / n_t)."""
     grads, real_update = {}, bgpo.update
 
-    def recorded(model, optimizer, loss, max_grad_norm=None):
+    def recorded(model, *args):
         grads[method].append(bgpo.flat_grad(model).clone())
-        return real_update(model, optimizer, loss, max_grad_norm)
+        return real_update(model, *args)
 
     monkeypatch.setattr(bgpo, "update", recorded)
     for method in ("bgpo", "naive"):
@@ -229,7 +233,7 @@ def test_grad_stats_std_and_error_fall_with_more_samples(warm):
     policy = bgpo.Policy(model, tokenizer, task, tokenizer.mask_token_id, task.answer_length,
                          torch.device("cpu"))
     cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
-    rows = bgpo.grad_stats(policy, cfg, [1, 3, 16], draws=4, golden_samples=32)
+    rows = grad_stats.grad_stats(policy, cfg, [1, 3, 16], draws=4, golden_samples=32)
     assert [(r["scheme"], r["samples"]) for r in rows] == [
         (scheme, n) for scheme in ("stratified", "uniform_t") for n in (1, 3, 16)] + [
         ("complementary", 16)] + [("one_step", n) for n in (1, 3, 16)]  # pairs: even n_t only
@@ -268,7 +272,7 @@ def test_length_norm_divides_every_term_by_the_response_length(warm):
     for norm in (False, True):
         masks, weights, old = bgpo.masks_and_old_terms(
             policy, batch, 4, "stratified", torch.Generator().manual_seed(0), length_norm=norm)
-        grads[norm] = bgpo.bgpo_gradient(policy, batch, masks, weights, old)
+        grads[norm] = grad_stats.bgpo_gradient(policy, batch, masks, weights, old)
         grads[norm, "old"] = old
     L = batch.responses.shape[1]
     assert torch.allclose(grads[True, "old"], grads[False, "old"] / L)
@@ -278,15 +282,19 @@ def test_length_norm_divides_every_term_by_the_response_length(warm):
 
 def test_max_grad_norm_clips_the_update(warm, monkeypatch):
     policy = toy_policy(warm)
-    cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4", "--max-grad-norm", "1e-3"])
-    cfg.samples = 2
+    cfg = bgpo.build_parser().parse_args(["--prompts", "4", "--group", "4"])
     batch = bgpo.fixed_batch(policy, cfg)
+    masks, weights, _ = bgpo.masks_and_old_terms(policy, batch, 2, "stratified",
+                                                 torch.Generator().manual_seed(0), old=False)
+    loss = bgpo.policy_loss_backward(policy.model, batch.prompts, batch.responses,
+                                     batch.advantages, masks, weights, None, policy.mask_id)
+    assert bgpo.flat_grad(policy.model).norm() > 1e-2
     optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
     norms = []
     real_step = optimizer.step
     monkeypatch.setattr(optimizer, "step", lambda: (norms.append(bgpo.flat_grad(policy.model).norm().item()),
                                                     real_step()))
-    bgpo.rl_step(policy, optimizer, batch, cfg, torch.Generator().manual_seed(0))
+    assert bgpo.update(policy.model, optimizer, loss, max_grad_norm=1e-3)
     assert norms and norms[0] == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -317,7 +325,7 @@ def test_grad_stats_draws_its_masks_with_length_norm(warm, monkeypatch):
     rows = {}
     for norm in (False, True):
         cfg = bgpo.Config(prompts=4, group=4, length_norm=norm)
-        rows[norm] = bgpo.grad_stats(policy, cfg, [1, 2], draws=2, golden_samples=4)
+        rows[norm] = grad_stats.grad_stats(policy, cfg, [1, 2], draws=2, golden_samples=4)
     draws = 2 * (1 + len(bgpo.SCHEMES))  # the golden's, then each scheme's
     assert seen == [False] * draws + [True] * draws
     for plain, normed in zip(rows[False], rows[True]):
