@@ -215,7 +215,7 @@ def sample_masks(responses, n_samples, generator=None, scheme="stratified"):
 #            A e^{d_j} / n_t (Jensen) if A < 0;  loss = -(1/B) sum_i R_lb_i
 #    Linear in the samples: loss = sum_j loss_j, each backwarded on its own.
 #    What the loop runs over can be made cheaper without changing the sum:
-#    a mask a response drew twice is computed once (merge_repeats), K samples
+#    a mask a response drew twice is computed once (mc_passes), K samples
 #    share a forward pass (--mc-batch). Both, and the naive, two_pass, tangent
 #    and jensen objectives and --clip, are in section 6.
 
@@ -233,7 +233,7 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
     if method in ("naive", "two_pass"):                              # section 6
         return exact_loss_backward(model, prompts, responses, advantages, passes, n_t, mask_id,
                                    method, clip, prompt_mask, diagnostics)
-    total, seen = 0.0, []
+    total, computed = 0.0, []
     for mask, weight, old_term, copies in passes:                    # j = 1 .. n_t
         term = elbo_terms(model, prompts, responses, mask, weight, mask_id, prompt_mask)  # (K, B) l_j
         old = term.detach() if old_term is None else old_term       # on-policy: d_j = 0
@@ -241,9 +241,9 @@ def policy_loss_backward(model, prompts, responses, advantages, masks, weights,
         loss = -(copies * g).mean(-1).sum()                          # loss_j = -(1/B) sum_i g_ij
         loss.backward()                                              # frees sample j's graph
         total += loss.item()
-        seen.append(term.detach())
+        computed.append(term.detach())
     if diagnostics is not None:
-        record_diagnostics(diagnostics, passes, seen, advantages, method, clip)
+        record_diagnostics(diagnostics, passes, computed, advantages, method, clip)
     return total
 
 def bgpo_sample_objective(term, old_term, advantages, n_samples, clip=None, method="bgpo"):
@@ -389,7 +389,7 @@ def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None
     check_inputs(prompts, responses, None, mask[None], weight[None], None, prompt_mask)
     return elbo_terms(model, prompts, responses, mask[None], weight[None], mask_id, prompt_mask)[0]
 
-def clipped(ratio, advantages, clip, dual_clip=3.0):
+def clipped(ratio, advantages, clip=None, dual_clip=3.0):
     """ratio * A, PPO-clipped with eps = clip (None: not clipped)."""
     if clip is None:
         return ratio * advantages
@@ -398,7 +398,7 @@ def clipped(ratio, advantages, clip, dual_clip=3.0):
 
 def naive_objective(terms, old_terms, advantages, clip=None, copies=None):
     """R = exp(mean_j d_j) * A for each response: Float (B,) from (n_t, B)
-    terms; copies (n_t, B) weigh each sample in the mean (merge_repeats)."""
+    terms; copies (n_t, B) weigh each sample in the mean (mc_passes)."""
     d = terms - old_terms
     mean_d = d.mean(0) if copies is None else (copies * d).sum(0) / copies.sum(0)
     return clipped(torch.exp(mean_d), advantages, clip)
@@ -418,8 +418,8 @@ def exact_loss_backward(model, prompts, responses, advantages, passes, n_t, mask
     old_terms = None if passes[0][2] is None else torch.cat([o for _, _, o, _ in passes])
     if method == "naive":
         terms = terms_of(passes)                                           # n' graphs alive
-        seen = [terms.detach()]
-        old = seen[0] if old_terms is None else old_terms
+        computed = [terms.detach()]
+        old = computed[0] if old_terms is None else old_terms
         loss = -naive_objective(terms, old, advantages, clip, copies).mean()
         loss.backward()
         total = loss.item()
@@ -431,21 +431,21 @@ def exact_loss_backward(model, prompts, responses, advantages, passes, n_t, mask
         mean_d.requires_grad_(True)
         objective = clipped(torch.exp(mean_d), advantages, clip)                # (B,)
         coef, = torch.autograd.grad(objective.sum(), mean_d)                    # A e^{m} unclipped
-        seen = []
+        computed = []
         for chunk in passes:
             terms = terms_of([chunk])                                           # (K, B)
             (-(coef * chunk[3] * terms).mean(-1).sum() / n_t).backward()
-            seen.append(terms.detach())
+            computed.append(terms.detach())
         total = -objective.mean().item()
     if diagnostics is not None:
-        record_diagnostics(diagnostics, passes, seen, advantages, method, clip)
+        record_diagnostics(diagnostics, passes, computed, advantages, method, clip)
     return total
 
-def record_diagnostics(diagnostics, passes, seen, advantages, method, clip):
+def record_diagnostics(diagnostics, passes, computed, advantages, method, clip):
     """diagnostics["terms"]: the l_j computed (n', B), and off_policy_stats."""
     masks, weights, olds, copies = (torch.cat(x) if x[0] is not None else None
                                     for x in zip(*passes))
-    terms = torch.cat(seen)
+    terms = torch.cat(computed)
     diagnostics.update(off_policy_stats(terms, olds, advantages, masks, weights, copies,
                                         method, clip), terms=terms)
 
@@ -606,11 +606,11 @@ def explain(policy, cfg):
     print("\n4. policy_loss_backward: for j = 1..n_t: l_j (with a graph), d_j = l_j - l_old_j, "
           "g_j; loss_j = -(1/B) sum_i g_ij; loss_j.backward() frees sample j's graph")
     model.zero_grad(set_to_none=True)
-    seen = {}
+    diagnostics = {}
     loss = policy_loss_backward(model, batch.prompts, batch.responses, A, masks, weights,
                                 old_terms, policy.mask_id, clip=cfg.clip,
-                                prompt_mask=batch.prompt_mask, merge=False, diagnostics=seen)
-    for j, term in enumerate(seen["terms"]):                              # (B,) l_j of sample j
+                                prompt_mask=batch.prompt_mask, merge=False, diagnostics=diagnostics)
+    for j, term in enumerate(diagnostics["terms"]):                              # (B,) l_j of sample j
         g = bgpo_sample_objective(term, old_terms[j], A, n, cfg.clip)     # (B,)
         for i in range(len(A)):
             print(f"  j={j + 1} y{i + 1:<2} {show(i, masks[j, i])}"

@@ -127,8 +127,8 @@ def timesplit(out):
 
 
 def gradient(out):
-    """Figure 3: relative std of the BGPO gradient against n_t (--grad-stats --json)."""
-    data = read("grad_stats_len16.json")  # python bgpo.py --grad-stats ... --json
+    """Figure 3: relative std of the BGPO gradient against n_t (docs/grad_stats.py --json)."""
+    data = read("grad_stats_len16.json")  # python docs/grad_stats.py ... --json
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for scheme in SCHEMES:
         rows = [r for r in data if r["scheme"] == scheme]

@@ -40,13 +40,13 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     rng = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=draws * (1 + len(SCHEMES)), desc="draws", dynamic_ncols=True, leave=False)
 
-    def measured(scheme, counts):  # n_t -> BGPO gradients, ELBO estimates, masks computed
-        got = {n: [] for n in counts}  # each count once, even if listed twice
+    def measured(scheme, n_ts):  # n_t -> BGPO gradients, ELBO estimates, masks computed
+        got = {n: [] for n in n_ts}  # each n_t once, even if listed twice
         for _ in range(draws):
-            shared = bgpo.masks_and_old_terms(policy, batch, max(counts), scheme, rng, cfg.length_norm)
+            shared = bgpo.masks_and_old_terms(policy, batch, max(n_ts), scheme, rng, cfg.length_norm)
             for n in got:  # a sub-grid of the shared draw, or a draw of its own
-                masks, weights, old_terms = ((x[::max(counts) // n] for x in shared)
-                                             if max(counts) % n == 0 else bgpo.masks_and_old_terms(
+                masks, weights, old_terms = ((x[::max(n_ts) // n] for x in shared)
+                                             if max(n_ts) % n == 0 else bgpo.masks_and_old_terms(
                                                  policy, batch, n, scheme, rng, cfg.length_norm))
                 computed = sum(((c > 0) & (w > 0)).sum(0) for _, w, _, c in bgpo.mc_passes(masks, weights))
                 got[n].append((bgpo_gradient(policy, batch, masks, weights, old_terms),
@@ -62,8 +62,8 @@ def grad_stats(policy, cfg, sample_counts, draws=8, golden_samples=256):
     reference_var = 0.0 if exact else estimates.var(0) / draws                  # (B,)
     rows = []
     for scheme in SCHEMES:
-        counts = [n for n in sample_counts if scheme != "complementary" or n % 2 == 0]
-        for n, (g, elbo, masks) in (measured(scheme, counts) if counts else {}).items():
+        n_ts = [n for n in sample_counts if scheme != "complementary" or n % 2 == 0]
+        for n, (g, elbo, masks) in (measured(scheme, n_ts) if n_ts else {}).items():
             var = (g - g.mean(0)).pow(2).sum() / (draws - 1)                # of one draw
             rows.append(dict(scheme=scheme, samples=n, masks=masks.mean().item(),
                 elbo_bias=(elbo.mean(0) - reference).pow(2).mean().sqrt().item(),

@@ -3,6 +3,7 @@ in two processes forked with the environment torchrun gives its workers,
 started in the background once the warm start is cached (conftest.warm)."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -24,7 +25,12 @@ def torchrun_result(warm):
             p.kill()
             p.join()
     logs = "".join((out / f"rank{r}.log").read_text()[-2000:] for r in range(2))
-    assert all(p.exitcode == 0 for p in procs), logs
+    # exit status 0 from every rank, not just its files written: a negative exitcode is a
+    # signal, as SIGABRT from a gloo thread at exit (tests/torchrun_count.py counts those)
+    ended = [f"rank {r}: " + (f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                              else f"exit status {p.exitcode}")
+             for r, p in enumerate(procs) if p.exitcode != 0]
+    assert not ended, "; ".join(ended) + "\n" + logs
     return out, json.load(open(out / "result.json"))
 
 
