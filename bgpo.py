@@ -29,7 +29,6 @@ the measurements (8) and the command line (9): none is needed to follow a step.
 
 import contextlib
 import functools
-import itertools
 import json
 import math
 import os
@@ -317,8 +316,7 @@ def update(model, optimizer, loss, max_grad_norm=None, world_size=1):
 
 def check_inputs(prompts, responses, advantages, masks, weights, old_terms, prompt_mask,
                  method="bgpo", mc_batch=1):
-    """policy_loss_backward's arguments, checked once, at the door: ValueError names the first
-    that is wrong."""
+    """policy_loss_backward's arguments, checked once, at the door: ValueError names a wrong one."""
     if method not in METHODS or not isinstance(mc_batch, int) or mc_batch < 1:
         raise ValueError(f"method must be one of {METHODS} and mc_batch an integer >= 1, "
                          f"got {method!r} and {mc_batch!r}")
@@ -407,9 +405,9 @@ def exact_loss_backward(model, prompts, responses, advantages, passes, n_t, mask
                         clip=None, prompt_mask=None, diagnostics=None):
     """The naive objective's loss -(1/B) sum_i R_i backwarded. naive: every graph alive
     at once, one backward. two_pass: the same gradient at constant memory: R depends
-    on the samples only through m = mean_j d_j, so pass 1 (no grad; skipped on-policy,
-    m = 0) finds c_i = dR_i/dm_i, and pass 2 backwards -(1/B) sum_i c_i l_ij / n_t one
-    sample at a time."""
+    on the samples only through dbar = mean_j d_j, so pass 1 (no grad; skipped
+    on-policy, dbar = 0) finds c_i = dR_i / d dbar_i, and pass 2 backwards
+    -(1/B) sum_i c_i l_ij / n_t one sample at a time."""
     def terms_of(chunks):  # l_j of every pass, (n', B)
         return torch.cat([elbo_terms(model, prompts, responses, m, w, mask_id, prompt_mask)
                           for m, w, _, _ in chunks])
@@ -430,7 +428,7 @@ def exact_loss_backward(model, prompts, responses, advantages, passes, n_t, mask
                 mean_d = (copies * (terms_of(passes) - old_terms)).sum(0) / n_t  # (B,)
         mean_d.requires_grad_(True)
         objective = clipped(torch.exp(mean_d), advantages, clip)                # (B,)
-        coef, = torch.autograd.grad(objective.sum(), mean_d)                    # A e^{m} unclipped
+        coef, = torch.autograd.grad(objective.sum(), mean_d)                    # A e^dbar unclipped
         computed = []
         for chunk in passes:
             terms = terms_of([chunk])                                           # (K, B)

@@ -1,0 +1,28 @@
+"""docs/stats.py, the comparison behind the tables, against textbook values."""
+import math
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
+import stats  # noqa: E402 (docs/stats.py)
+
+A1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+
+
+def test_t_quantiles_match_the_printed_table():
+    found = [round(stats.t_quantile(p, df), 3) for p, df in
+             [(0.975, 10), (0.975, 4), (0.8, 8), (0.95, 1), (0.995, 30)]]
+    assert found == [2.228, 2.776, 0.889, 6.314, 2.750]
+
+
+def test_welch_matches_the_textbook_example_and_its_own_definition():
+    """Welch's first example (t = -2.46, p = 0.021); the interval and the detectable
+    difference rebuilt from the standard error and the t quantiles."""
+    r = stats.welch(A1, A2)
+    assert (round(r["t"], 2), round(r["df"], 1), round(r["p"], 3)) == (-2.46, 25.0, 0.021)
+    se = math.sqrt(statistics.variance(A1) / 15 + statistics.variance(A2) / 15)
+    assert math.isclose(r["high"] - r["low"], 2 * stats.t_quantile(0.975, r["df"]) * se)
+    assert math.isclose(r["detectable"], (stats.t_quantile(0.975, r["df"])
+                                          + stats.t_quantile(0.8, r["df"])) * se)
