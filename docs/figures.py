@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
+import tables  # noqa: E402 (docs/tables.py: the tables, printed from the same data)
+
 DOCS = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(DOCS, "data")
 COLORS = {"naive": "tab:red", "two_pass": "tab:orange", "bgpo": "tab:blue",
@@ -83,7 +85,7 @@ def offpolicy(out):
             name = settings["method"] + (" --clip 0.2 --length-norm" if "clip" in settings else "")
             style = dict(color=COLORS[settings["method"]], label=name)
             band(axes[0, col], seeds, "acc", **style)
-            band(axes[1, col], seeds, "gap", scale=1, **style)
+            band(axes[1, col], seeds, "gap", scale=1, low=0.0, **style)
             if "clip" in settings:
                 for ax in axes[:, col]:
                     ax.get_lines()[-1].set_linestyle("--")
@@ -167,10 +169,9 @@ def estimators(out):
 
 
 def table(names):
-    """docs/data/NAME.json as markdown tables (docs/results.md)."""
+    """docs/data/NAME.json's tables (docs/tables.py, as in docs/results.md)."""
     for name in names:
-        data = read(name + ".json")
-        print(f"{name}: {data['command']}\n{summary_table(data['runs'])}\n")
+        print(f"{name}: {read(name + '.json')['command']}\n{tables.tables(name)}")
 
 
 SETTING_IGNORED = ("seed", "out", "resume", "save_every", "steps", "eval_every", "device", "json",
@@ -207,46 +208,16 @@ def load_runs(dirs):
     return runs
 
 
-def band(ax, runs, key, color=None, label=None, scale=100):
-    """A line of the mean over seeds of runs' key against step, and a band of +- std."""
+def band(ax, runs, key, color=None, label=None, scale=100, low=None):
+    """A line of the mean over seeds of runs' key against step, and a band of +- std, cut
+    at low (the gap R - R_lb cannot go below 0)."""
     steps = sorted(set.intersection(*[{s for s, _ in run[key]} for run in runs.values()]))
     values = [[scale * dict(run[key])[s] for run in runs.values()] for s in steps]
     mean = [statistics.mean(v) for v in values]
     std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
     line, = ax.plot(steps, mean, "o-", markersize=3, color=color, label=label)
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                    color=line.get_color(), alpha=0.15)
-
-
-def summary_table(runs, key="acc"):
-    """Markdown: mean +- std over seeds at each evaluation, seconds per step, every seed's end."""
-    every = [{s for s, _ in run[key]} for seeds in runs.values() for run in seeds.values()]
-    steps = sorted(set.intersection(*every))  # evaluated in every run
-    lines = ["| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " | s/step |",
-             "|---" * (len(steps) + 3) + "|"]
-    for label, seeds in runs.items():
-        cells = []
-        for s in steps:
-            v = [100 * dict(run[key])[s] for run in seeds.values() if s in dict(run[key])]
-            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}")
-        timed = [run["seconds"] / run["steps"] for run in seeds.values() if "seconds" in run]
-        per_step = f"{statistics.median(timed):.2f}" if timed else "-"
-        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step} |")
-    for label, seeds in runs.items():
-        lines.append(f"{label}, seeds {', '.join(sorted(seeds))}: " + ", ".join(
-            f"{100 * seeds[seed][key][-1][1]:.1f}" for seed in sorted(seeds)))
-    if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
-        lines += ["", "| setting | gap R - R_lb | mean abs d per token | clipped share | "
-                  "s/step rollout | loss | update | eval |", "|---" * 8 + "|"]
-        for label, seeds in runs.items():
-            def mean_of(key, seeds=seeds):  # over the steps of every seed
-                v = [x for run in seeds.values() for _, x in run.get(key, [])]
-                return f"{statistics.mean(v):.2e}" if v else "-"
-            split = [statistics.mean(run["time_split"][part] / run["steps"] for run in seeds.values())
-                     for part in ("rollout", "loss", "update", "eval")]
-            lines.append(f"| {label} | {mean_of('gap')} | {mean_of('abs_d')} | {mean_of('clipped')} | "
-                         + " | ".join(f"{t:.3f}" for t in split) + " |")
-    return "\n".join(lines)
+    ax.fill_between(steps, [m - s if low is None else max(m - s, low) for m, s in zip(mean, std)],
+                    [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
 
 
 def draw_runs(dirs, out):
@@ -261,7 +232,7 @@ def draw_runs(dirs, out):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    print(summary_table(runs))
+    print(tables.summary_table(runs))
     print(f"wrote {out}")
 
 

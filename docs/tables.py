@@ -1,0 +1,112 @@
+"""The tables of docs/results.md, printed from the JSON under docs/data/, never typed.
+
+    python docs/tables.py               # rewrite every generated block of docs/results.md
+    python docs/tables.py --check       # exit 1, naming the block, where one differs
+    python docs/tables.py NAME          # print docs/data/NAME.json's tables
+
+A generated block in results.md sits between `<!-- tables NAME -->` and
+`<!-- end tables -->`; tests/test_tables.py regenerates every block and fails on any
+difference. Every comparison carries its statistics (docs/stats.py): the difference
+against the block's bgpo (or first) setting, its 95% interval, p, and the smallest difference
+those seeds could have detected (80% power, 5% level). The standard library only.
+"""
+import json
+import os
+import re
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(DOCS, "results.md")
+BLOCK = re.compile(r"(<!-- tables (\S+) -->\n)(.*?)(<!-- end tables -->)", re.S)
+
+def read(name):
+    with open(os.path.join(DOCS, "data", name)) as f:
+        return json.load(f)
+
+def summary_table(runs, key="acc"):
+    """Markdown: mean +- std over seeds at each evaluation step shared by every run, and the
+    seconds per step (a mean over seeds, as every column here), then every seed's end."""
+    every = [{s for s, _ in run[key]} for seeds in runs.values() for run in seeds.values()]
+    steps = sorted(set.intersection(*every))  # evaluated in every run
+    lines = ["| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " | s/step |",
+             "|---" * (len(steps) + 3) + "|"]
+    for label, seeds in runs.items():
+        cells = []
+        for s in steps:
+            v = [100 * dict(run[key])[s] for run in seeds.values()]
+            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}")
+        per_step = statistics.mean(run["seconds"] / run["steps"] for run in seeds.values())
+        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step:.2f} |")
+    return "\n".join(lines)
+
+def final(seeds, key="acc"):
+    """Each seed's last evaluation, in %, in the seeds' order."""
+    return [100 * seeds[seed][key][-1][1] for seed in sorted(seeds, key=int)]
+
+def seeds_line(runs, key="acc"):
+    return "Final accuracy per seed: " + "; ".join(
+        f"{label}, seeds {', '.join(sorted(seeds, key=int))}: "
+        + ", ".join(f"{x:.1f}" for x in final(seeds, key)) for label, seeds in runs.items()) + "."
+
+def comparison_table(runs, key="acc"):
+    """The final accuracy of every setting against method=bgpo's, or the first's (Welch)."""
+    first = "method=bgpo" if "method=bgpo" in runs else next(iter(runs))
+    base = runs[first]
+    lines = [f"| final accuracy, against {first} | difference | 95% interval | p | "
+             "detectable |", "|---|---|---|---|---|"]
+    for label, seeds in ((k, v) for k, v in runs.items() if k != first):
+        r = stats.welch(final(seeds, key), final(base, key))
+        lines.append(f"| {label} | {r['diff']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | "
+                     f"{r['p']:.2f} | {r['detectable']:.1f} |")
+    return "\n".join(lines)
+
+def diagnostics_table(runs):
+    """The off-policy updates' gap, |d| per token and clipped share, averaged over every step
+    and seed, and each part of a step's time, a mean over seeds."""
+    lines = ["| setting | gap R - R_lb | mean abs d per token | clipped share | "
+             "s/step rollout | loss | update | eval |", "|---" * 8 + "|"]
+    for label, seeds in runs.items():
+        def mean_of(key):
+            v = [x for run in seeds.values() for _, x in run.get(key, [])]
+            return f"{statistics.mean(v):.2e}" if v else "-"
+        split = [statistics.mean(run["time_split"][part] / run["steps"] for run in seeds.values())
+                 for part in ("rollout", "loss", "update", "eval")]
+        lines.append(f"| {label} | {mean_of('gap')} | {mean_of('abs_d')} | {mean_of('clipped')} | "
+                     + " | ".join(f"{t:.3f}" for t in split) + " |")
+    return "\n".join(lines)
+
+def tables(name):
+    """Every table of docs/data/NAME.json, as one markdown block."""
+    runs = read(name + ".json")["runs"]
+    parts = [summary_table(runs), seeds_line(runs)]
+    if len(runs) > 1:
+        parts.append(comparison_table(runs))
+    if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
+        parts.append(diagnostics_table(runs))
+    return "\n\n".join(parts) + "\n"
+
+def regenerate(text):
+    """text with every generated block printed again from its JSON."""
+    return BLOCK.sub(lambda m: m.group(1) + tables(m.group(2)) + m.group(4), text)
+
+def main(argv):
+    if argv and argv[0] != "--check":
+        return print("\n\n".join(tables(name) for name in argv))
+    with open(RESULTS) as f:
+        text = f.read()
+    new = regenerate(text)
+    if argv:  # --check
+        stale = [m.group(2) for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new))
+                 if m.group(3) != n.group(3)]
+        if stale:
+            sys.exit(f"tables.py: docs/results.md differs from its data in: {', '.join(stale)}")
+        return
+    with open(RESULTS, "w") as f:
+        f.write(new)
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
