@@ -4,8 +4,8 @@
     python docs/tables.py --check       # exit 1, naming the block, where one differs
     python docs/tables.py NAME          # print docs/data/NAME.json's tables
 
-A generated block in results.md sits between `<!-- tables NAME -->` and
-`<!-- end tables -->`; tests/test_tables.py regenerates every block and fails on any
+A generated block in results.md sits between `<!-- tables NAME -->` (or
+`<!-- tables NAME compare="X vs Y; ..." -->`) and `<!-- end tables -->`; tests/test_tables.py regenerates every block and fails on any
 difference. Every comparison carries its statistics (docs/stats.py): the difference
 against the block's bgpo (or first) setting, its 95% interval, p, and the smallest difference
 those seeds could have detected (80% power, 5% level). The standard library only.
@@ -21,7 +21,8 @@ import stats  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(DOCS, "results.md")
-BLOCK = re.compile(r"(<!-- tables (\S+) -->\n)(.*?)(<!-- end tables -->)", re.S)
+BLOCK = re.compile(r"(<!-- tables (\S+)(.*?) -->\n)(.*?)(<!-- end tables -->)", re.S)
+PAIRS = re.compile(r'compare="([^"]*)"')  # "X vs Y; ...": X minus Y, in place of against bgpo
 
 def read(name):
     with open(os.path.join(DOCS, "data", name)) as f:
@@ -39,8 +40,9 @@ def summary_table(runs, key="acc"):
         for s in steps:
             v = [100 * dict(run[key])[s] for run in seeds.values()]
             cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}")
-        per_step = statistics.mean(run["seconds"] / run["steps"] for run in seeds.values())
-        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step:.2f} |")
+        timed = [run["seconds"] / run["steps"] for run in seeds.values() if "seconds" in run]
+        per_step = f"{statistics.mean(timed):.2f}" if timed else "-"  # older runs kept none
+        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step} |")
     return "\n".join(lines)
 
 def final(seeds, key="acc"):
@@ -52,16 +54,18 @@ def seeds_line(runs, key="acc"):
         f"{label}, seeds {', '.join(sorted(seeds, key=int))}: "
         + ", ".join(f"{x:.1f}" for x in final(seeds, key)) for label, seeds in runs.items()) + "."
 
-def comparison_table(runs, key="acc"):
-    """The final accuracy of every setting against method=bgpo's, or the first's (Welch)."""
-    first = "method=bgpo" if "method=bgpo" in runs else next(iter(runs))
-    base = runs[first]
-    lines = [f"| final accuracy, against {first} | difference | 95% interval | p | "
-             "detectable |", "|---|---|---|---|---|"]
-    for label, seeds in ((k, v) for k, v in runs.items() if k != first):
-        r = stats.welch(final(seeds, key), final(base, key))
-        lines.append(f"| {label} | {r['diff']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | "
-                     f"{r['p']:.2f} | {r['detectable']:.1f} |")
+def comparison_table(runs, pairs=None, key="acc"):
+    """Final accuracy, X minus Y (Welch), for each pair; by default every setting against
+    method=bgpo, or against the first setting."""
+    if pairs is None:
+        first = "method=bgpo" if "method=bgpo" in runs else next(iter(runs))
+        pairs = [(label, first) for label in runs if label != first]
+    lines = ["| final accuracy, X - Y | difference | 95% interval | p | detectable |",
+             "|---|---|---|---|---|"]
+    for x, y in pairs:
+        r = stats.welch(final(runs[x], key), final(runs[y], key))
+        lines.append(f"| {x} - {y} | {r['diff']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | "
+                     f"{r['p']:.2g} | {r['detectable']:.1f} |")
     return "\n".join(lines)
 
 def diagnostics_table(runs):
@@ -79,19 +83,24 @@ def diagnostics_table(runs):
                      + " | ".join(f"{t:.3f}" for t in split) + " |")
     return "\n".join(lines)
 
-def tables(name):
-    """Every table of docs/data/NAME.json, as one markdown block."""
+def tables(name, pairs=None):
+    """Every table of docs/data/NAME.json, as one markdown block; pairs: [(X, Y)] to compare."""
     runs = read(name + ".json")["runs"]
     parts = [summary_table(runs), seeds_line(runs)]
     if len(runs) > 1:
-        parts.append(comparison_table(runs))
+        parts.append(comparison_table(runs, pairs))
     if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
         parts.append(diagnostics_table(runs))
     return "\n\n".join(parts) + "\n"
 
 def regenerate(text):
     """text with every generated block printed again from its JSON."""
-    return BLOCK.sub(lambda m: m.group(1) + tables(m.group(2)) + m.group(4), text)
+    def block(m):
+        found = PAIRS.search(m.group(3))
+        pairs = found and [tuple(p.strip() for p in pair.split(" vs "))
+                           for pair in found.group(1).split(";")]
+        return m.group(1) + tables(m.group(2), pairs) + m.group(5)
+    return BLOCK.sub(block, text)
 
 def main(argv):
     if argv and argv[0] != "--check":
@@ -101,7 +110,7 @@ def main(argv):
     new = regenerate(text)
     if argv:  # --check
         stale = [m.group(2) for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new))
-                 if m.group(3) != n.group(3)]
+                 if m.group(4) != n.group(4)]
         if stale:
             sys.exit(f"tables.py: docs/results.md differs from its data in: {', '.join(stale)}")
         return
