@@ -83,9 +83,36 @@ def diagnostics_table(runs):
                      + " | ".join(f"{t:.3f}" for t in split) + " |")
     return "\n".join(lines)
 
+def timesplit_table(runs):
+    """Section 4d: seconds per step in each part of a step (a mean over seeds), one row per
+    setting, and the loss's time over the rollout's from the unrounded totals."""
+    def settings(label):
+        return dict(part.split("=") for part in label.split())
+
+    def order(label):
+        s = settings(label)
+        return (int(s.get("response_length", 3)), s["updates_per_batch"],
+                ("bgpo", "naive", "two_pass").index(s["method"]), int(s["samples"]),
+                s["scheme"] != "stratified")
+
+    lines = ["| answer | method, n_t | rollout | loss | update | eval | loss / rollout |",
+             "|---|---|---|---|---|---|---|"]
+    for label in sorted(runs, key=order):
+        s, seeds = settings(label), runs[label].values()
+        part = {p: statistics.mean(run["time_split"][p] / run["steps"] for run in seeds)
+                for p in ("rollout", "loss", "update", "eval")}
+        name = "one_step" if s["scheme"] == "one_step" else s["method"]
+        lines.append(f"| {s.get('response_length', 3)} tokens | {name}, {s['samples']}"
+                     + (", x2" if s["updates_per_batch"] == "2" else "") + " | "
+                     + " | ".join(f"{part[p]:.3f}" for p in part)
+                     + f" | {part['loss'] / part['rollout']:.1f} |")
+    return "\n".join(lines) + "\n"
+
 def tables(name, pairs=None):
     """Every table of docs/data/NAME.json, as one markdown block; pairs: [(X, Y)] to compare."""
     runs = read(name + ".json")["runs"]
+    if name == "timesplit":
+        return timesplit_table(runs)
     parts = [summary_table(runs), seeds_line(runs)]
     if len(runs) > 1:
         parts.append(comparison_table(runs, pairs))
