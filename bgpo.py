@@ -450,9 +450,10 @@ def record_diagnostics(diagnostics, passes, computed, advantages, method, clip):
 def off_policy_stats(terms, old_terms, advantages, masks, weights, copies, method="bgpo",
                      clip=None):
     """How far an update is from the rollout's policy, from the l_j (n', B) its loss
-    computed anyway: abs_d, the mean |d_j| per masked token; gap, the mean over
-    responses of R - R_lb (BGPO's bound: >= 0, 0 on-policy); with clip, clipped: the
-    share of ratios (per sample; naive, two_pass: per response) the clip changed."""
+    computed anyway: abs_d, the mean |d_j| per masked token; gap, the mean over all B
+    responses (A = 0 too) of R - R_lb (BGPO's bound: >= 0, 0 on-policy); with clip,
+    clipped: the share of all ratios (per slot, copies counted, A = 0 and empty masks
+    too; naive, two_pass: per response) the clip changed."""
     old = (terms if old_terms is None else old_terms).double()  # float64: gap ~1e-16 on-policy
     terms, advantages, tokens = terms.double(), advantages.double(), weights * masks.sum(-1)
     used = copies * (tokens != 0)                                         # the empty mask: l_j = 0

@@ -13,7 +13,6 @@ needs neither torch nor the hour of runs. Each input names the command that
 made it; docs/results.md has the tables behind the figures.
 """
 import argparse
-import json
 import os
 import statistics
 
@@ -23,19 +22,14 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 import tables  # noqa: E402 (docs/tables.py: the tables, printed from the same data)
+from tables import load_runs, read  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(DOCS, "data")
 COLORS = {"naive": "tab:red", "two_pass": "tab:orange", "bgpo": "tab:blue",
           "tangent": "tab:green", "jensen": "tab:purple",
           "stratified": "tab:blue", "uniform_t": "tab:green", "complementary": "tab:purple",
           "one_step": "tab:red"}
 SCHEMES = ("stratified", "uniform_t", "complementary", "one_step")
-
-
-def read(name):
-    with open(os.path.join(DATA, name)) as f:
-        return json.load(f)
 
 
 def memory(out):
@@ -174,40 +168,6 @@ def table(names):
         print(f"{name}: {read(name + '.json')['command']}\n{tables.tables(name)}")
 
 
-SETTING_IGNORED = ("seed", "out", "resume", "save_every", "steps", "eval_every", "device", "json",
-                   "sample_counts", "mc_batches")  # the last two repeat samples, mc_batch
-
-
-def load_runs(dirs):
-    """Run directories (each with run.json, metrics.jsonl, summary.json) ->
-    {label: {seed: run}}: label names the settings in which the runs differ
-    (seed aside), run = dict(acc=[[step, acc]...], gap, abs_d, clipped (of the
-    later updates of each step, if any), time_split, seconds, steps)."""
-    found = []
-    for d in dirs:
-        paths = [os.path.join(d, name) for name in ("run.json", "metrics.jsonl", "summary.json")]
-        if not all(os.path.isfile(p) for p in paths):
-            print(f"skipped {d}: not a finished run (run.json, metrics.jsonl, summary.json)")
-            continue
-        with open(paths[0]) as f, open(paths[1]) as g, open(paths[2]) as h:
-            found.append((json.load(f), [json.loads(line) for line in g], json.load(h)))
-    keys = sorted({k for settings, _, _ in found for k in settings} - set(SETTING_IGNORED))
-    differ = [k for k in keys if len({json.dumps(s.get(k)) for s, _, _ in found}) > 1]
-    runs = {}
-    for settings, records, summary in found:
-        label = " ".join(k if settings.get(k) is True else f"{k}={settings.get(k)}" for k in differ
-                         if settings.get(k) not in (None, False)) or "all"
-        run = dict(acc=[[r["step"], r["acc"]] for r in records if "acc" in r],
-                   time_split=summary.get("time_split"), seconds=summary["seconds"],
-                   steps=summary["steps"])
-        for key in ("gap", "abs_d", "clipped"):  # the mean over a step's off-policy updates
-            later = [(r["step"], [u[key] for u in r.get("updates", [])[1:] if key in u])
-                     for r in records]
-            run[key] = [[step, statistics.mean(v)] for step, v in later if v]
-        runs.setdefault(label, {})[str(settings["seed"])] = run
-    return runs
-
-
 def band(ax, runs, key, color=None, label=None, scale=100, low=None):
     """A line of the mean over seeds of runs' key against step, and a band of +- std, cut
     at low (the gap R - R_lb cannot go below 0)."""
@@ -243,14 +203,6 @@ def save(fig, name):
     print(f"wrote docs/{name}")
 
 
-def collect(name, dirs, command):
-    """Run directories -> docs/data/NAME.json: {"command": ..., "runs": load_runs(dirs)}."""
-    data = {"command": command, "runs": load_runs(dirs)}
-    with open(os.path.join(DATA, name + ".json"), "w") as f:
-        json.dump(data, f, indent=1)
-    print(f"wrote docs/data/{name}.json from {len(dirs)} directories")
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", metavar="DIR", help="draw these runs, not the docs' figures")
@@ -258,12 +210,13 @@ if __name__ == "__main__":
     parser.add_argument("--collect", nargs="+", metavar=("NAME", "DIR"),
                         help="first write docs/data/NAME.json from these run directories")
     parser.add_argument("--command", default="", help="--collect: the command that made the runs")
+    parser.add_argument("--upto", type=int, metavar="STEP", help="--collect: each run cut after STEP")
     parser.add_argument("--table", nargs="+", metavar="NAME", help="print docs/data/NAME.json's tables only")
     args = parser.parse_args()
     if args.runs:
         raise SystemExit(draw_runs(args.runs, args.to))
     if args.collect:
-        collect(args.collect[0], args.collect[1:], args.command)
+        tables.collect(args.collect[0], args.collect[1:], args.command, args.upto)
     if args.table:
         raise SystemExit(table(args.table))
     memory("memory.png")

@@ -120,6 +120,54 @@ def tables(name, pairs=None):
         parts.append(diagnostics_table(runs))
     return "\n\n".join(parts) + "\n"
 
+SETTING_IGNORED = ("seed", "out", "resume", "save_every", "steps", "eval_every", "device", "json",
+                   "sample_counts", "mc_batches")  # the last two repeat samples, mc_batch
+
+
+def load_runs(dirs, upto=None):
+    """Run directories (each with run.json, metrics.jsonl, summary.json) ->
+    {label: {seed: run}}: label names the settings in which the runs differ
+    (seed aside), run = dict(acc=[[step, acc]...], gap, abs_d, clipped (of the
+    later updates of each step, if any), time_split, seconds, steps). upto: each
+    run as it stood after that step, its time split and seconds from metrics.jsonl."""
+    found = []
+    for d in dirs:
+        paths = [os.path.join(d, name) for name in ("run.json", "metrics.jsonl", "summary.json")]
+        if not all(os.path.isfile(p) for p in paths):
+            print(f"skipped {d}: not a finished run (run.json, metrics.jsonl, summary.json)")
+            continue
+        with open(paths[0]) as f, open(paths[1]) as g, open(paths[2]) as h:
+            settings, records, summary = json.load(f), [json.loads(line) for line in g], json.load(h)
+        if upto is not None:  # the step's own evaluation is in its time_eval, not its seconds
+            records = [r for r in records if r["step"] <= upto]
+            summary = dict(summary, steps=records[-1]["step"],
+                           seconds=records[-1]["seconds"] + records[-1].get("time_eval", 0),
+                           time_split={part: sum(r.get("time_" + part, 0) for r in records)
+                                       for part in ("rollout", "loss", "update", "eval")})
+        found.append((settings, records, summary))
+    keys = sorted({k for settings, _, _ in found for k in settings} - set(SETTING_IGNORED))
+    differ = [k for k in keys if len({json.dumps(s.get(k)) for s, _, _ in found}) > 1]
+    runs = {}
+    for settings, records, summary in found:
+        label = " ".join(k if settings.get(k) is True else f"{k}={settings.get(k)}" for k in differ
+                         if settings.get(k) not in (None, False)) or "all"
+        run = dict(acc=[[r["step"], r["acc"]] for r in records if "acc" in r],
+                   time_split=summary.get("time_split"), seconds=summary["seconds"],
+                   steps=summary["steps"])
+        for key in ("gap", "abs_d", "clipped"):  # the mean over a step's off-policy updates
+            later = [(r["step"], [u[key] for u in r.get("updates", [])[1:] if key in u])
+                     for r in records]
+            run[key] = [[step, statistics.mean(v)] for step, v in later if v]
+        runs.setdefault(label, {})[str(settings["seed"])] = run
+    return runs
+
+def collect(name, dirs, command, upto=None):
+    """Run directories -> docs/data/NAME.json: {"command": ..., "runs": load_runs(dirs, upto)}."""
+    data = {"command": command, "runs": load_runs(dirs, upto)}
+    with open(os.path.join(DOCS, "data", name + ".json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote docs/data/{name}.json from {len(dirs)} directories")
+
 def regenerate(text):
     """text with every generated block printed again from its JSON."""
     def block(m):
