@@ -22,11 +22,14 @@ a stock tokenizer, so code written against them runs on any masked LM that
 reads its inputs the same way (forward_logits; real_dllm.py adapts others).
 """
 
+import ast
 import contextlib
 import hashlib
 import json
 import math
+import operator
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -118,6 +121,54 @@ def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
         ids = ids[torch.randperm(len(ids), generator=g)][:n]
     pairs = torch.stack([ids // 10**n_digits, ids % 10**n_digits], dim=1)  # (n, 2)
     return ArithmeticTask(n_digits, train=pairs[n_test:], test=pairs[:n_test])
+
+# The planning tasks' rewards, d1's rules (its reward_func.py) on the toy's answers, which
+# are the expression or the grid alone, without <answer> tags
+
+def countdown_reward(numbers, target, text):
+    """Countdown: 0.0 with no answer; 1.0 for an expression of digits, + - * / ( ) and
+    spaces that uses each of numbers exactly once and equals target to within 1e-5; 0.1
+    for any other answer. Evaluated on its syntax tree, never by eval.
+
+    >>> [countdown_reward([3, 5, 7], 22, t) for t in ("3*5+7", "3*5+5", "")]
+    [1.0, 0.1, 0.0]
+    """
+    text = text.strip()
+    if not text:
+        return 0.0
+    used = sorted(int(n) for n in re.findall(r"\d+", text))
+    if not re.fullmatch(r"[0-9+\-*/() ]+", text) or used != sorted(numbers):
+        return 0.1
+    try:
+        value = arithmetic(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError):  # malformed, not arithmetic, x / 0
+        return 0.1
+    return 1.0 if abs(value - target) < 1e-5 else 0.1
+
+def arithmetic(node):
+    """The value of a syntax tree of integers, + - * / and signs; ValueError for aught else."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        return (1 if isinstance(node.op, ast.UAdd) else -1) * arithmetic(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        return ARITHMETIC[type(node.op)](arithmetic(node.left), arithmetic(node.right))
+    raise ValueError(f"not arithmetic: {ast.dump(node)}")  # a power, a name, a call ...
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.Div: operator.truediv}
+
+def sudoku_reward(puzzle, solution, text):
+    """4x4 Sudoku: the share of the puzzle's blanks ('0') that text fills with the
+    solution's digit; text without spaces, padded with '0' or cut to 16 characters; given
+    cells are not counted. 16-character digit strings; no blank: 0.0.
+
+    >>> sudoku_reward("1030" * 4, "1234" * 4, "1234" * 3 + "12")  # 7 of 8 blanks
+    0.875
+    """
+    answer = "".join(text.split())[:16].ljust(16, "0")
+    blanks = [i for i, cell in enumerate(puzzle) if cell == "0"]
+    return sum(answer[i] == solution[i] for i in blanks) / len(blanks) if blanks else 0.0
 
 # -----------------------------------------------------------------------------
 # 2. The vocabulary: one token per character, plus [PAD] and [MASK]
