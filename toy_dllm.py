@@ -365,9 +365,9 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
         prompts, prompt_mask = encode_padded_prompts(tokenizer, task.prompts(chunk), device)
         responses = generate(model, prompts, mask_id, length, temperature=0.0,
                              prompt_mask=prompt_mask, **sampler_kwargs)
-        r = exact_match_reward(task, tokenizer, chunk, responses)
+        said = decode_responses(tokenizer, responses)                  # decoded once
+        r = task.rewards(chunk, said)
         rewards.append(r)
-        said = decode_responses(tokenizer, responses)
         for i in (r == 0).nonzero().flatten().tolist()[: n_failures - len(failures)]:
             failures.append(f"model says {task.prompts(chunk[i:i+1])[0]}{said[i]}, "
                             f"truth is {task.answers(chunk[i:i+1])[0]}")

@@ -21,6 +21,7 @@ import stats  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(DOCS, "results.md")
+PARTS = ("rollout", "loss", "update", "eval")  # a step's time split, as metrics.jsonl keeps it
 BLOCK = re.compile(r"(<!-- tables (\S+)(.*?) -->\n)(.*?)(<!-- end tables -->)", re.S)
 PAIRS = re.compile(r'compare="([^"]*)"')  # "X vs Y; ...": X minus Y, in place of against bgpo
 
@@ -78,7 +79,7 @@ def diagnostics_table(runs):
             v = [x for run in seeds.values() for _, x in run.get(key, [])]
             return f"{statistics.mean(v):.2e}" if v else "-"
         split = [statistics.mean(run["time_split"][part] / run["steps"] for run in seeds.values())
-                 for part in ("rollout", "loss", "update", "eval")]
+                 for part in PARTS]
         lines.append(f"| {label} | {mean_of('gap')} | {mean_of('abs_d')} | {mean_of('clipped')} | "
                      + " | ".join(f"{t:.3f}" for t in split) + " |")
     return "\n".join(lines)
@@ -100,7 +101,7 @@ def timesplit_table(runs):
     for label in sorted(runs, key=order):
         s, seeds = settings(label), runs[label].values()
         part = {p: statistics.mean(run["time_split"][p] / run["steps"] for run in seeds)
-                for p in ("rollout", "loss", "update", "eval")}
+                for p in PARTS}
         name = "one_step" if s["scheme"] == "one_step" else s["method"]
         lines.append(f"| {s.get('response_length', 3)} tokens | {name}, {s['samples']}"
                      + (", x2" if s["updates_per_batch"] == "2" else "") + " | "
@@ -143,7 +144,7 @@ def load_runs(dirs, upto=None):
             summary = dict(summary, steps=records[-1]["step"],
                            seconds=records[-1]["seconds"] + records[-1].get("time_eval", 0),
                            time_split={part: sum(r.get("time_" + part, 0) for r in records)
-                                       for part in ("rollout", "loss", "update", "eval")})
+                                       for part in PARTS})
         found.append((settings, records, summary))
     keys = sorted({k for settings, _, _ in found for k in settings} - set(SETTING_IGNORED))
     differ = [k for k in keys if len({json.dumps(s.get(k)) for s, _, _ in found}) > 1]
