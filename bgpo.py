@@ -378,8 +378,9 @@ def other_scheme_masks(responses, n_samples, generator, scheme):
     else:
         t = 1 - torch.rand(n_samples, B, generator=generator, device=dev)        # (n, B) in (0, 1]
         masks = torch.rand(n_samples, B, L, generator=generator, device=dev) < t[..., None]
-        # E[1/t | m masked]; a sample that masks nothing adds 0 whatever its weight
-        weights = (L + 1) / masks.sum(-1).clamp(min=1)
+        m = masks.sum(-1)                                                        # (n, B)
+        # E[1/t | m masked]; an empty mask adds 0: weight 0, so it is never computed
+        weights = torch.where(m > 0, (L + 1) / m.clamp(min=1), 0.0)
     return masks.to(responses.device), weights.float().to(responses.device)
 
 def elbo_term(model, prompts, responses, mask, weight, mask_id, prompt_mask=None):

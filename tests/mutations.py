@@ -129,8 +129,11 @@ MUTATIONS = [
      'blanks = [i for i, cell in enumerate(puzzle) if cell == "0"]', "blanks = list(range(16))",
      "tests/test_rewards.py::test_sudoku_reward_is_the_share_of_blanks_right"),
     ("uniform_t weight L/l, not (L+1)/l", "bgpo.py",
-     "weights = (L + 1) / masks.sum(-1).clamp(min=1)", "weights = L / masks.sum(-1).clamp(min=1)",
+     "(L + 1) / m.clamp(min=1), 0.0)", "L / m.clamp(min=1), 0.0)",
      OBJ + "test_monte_carlo_elbo_matches_exact_enumeration"),
+    ("uniform_t: an empty mask weighted L + 1 and computed", "bgpo.py",
+     "torch.where(m > 0, (L + 1) / m.clamp(min=1), 0.0)", "(L + 1) / m.clamp(min=1)",
+     OBJ + "test_uniform_t_masks_follow_the_forward_process"),
 ]
 
 

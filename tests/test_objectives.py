@@ -369,7 +369,11 @@ def test_uniform_t_masks_follow_the_forward_process():
     freq = torch.bincount(k, minlength=L + 1).float() / k.numel()
     assert (freq - 1 / (L + 1)).abs().max() < 0.012                # standard error ~0.002
     assert (masks[0].float().mean(0) - 0.5).abs().max() < 0.02
-    assert (weights >= 1).all() and (weights <= L + 1).all()
+    assert (weights[0][k > 0] >= 1).all() and (weights[0][k > 0] <= L + 1).all()
+    # an empty mask adds nothing: weight 0, so step 4 never computes it (as complementary's)
+    assert (k == 0).any() and (weights[0][k == 0] == 0).all()
+    passes = bgpo.mc_passes(masks[:, :50], weights[:, :50])
+    assert sum(((c > 0) & (w > 0)).sum().item() for _, w, _, c in passes) == (k[:50] > 0).sum()
 
 
 @pytest.mark.parametrize("L", [1, 3, 8])
