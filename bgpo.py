@@ -108,7 +108,7 @@ class Policy:
     """The model being trained and what it needs to talk about the task."""
     model: torch.nn.Module
     tokenizer: object
-    task: toy_dllm.ArithmeticTask
+    task: toy_dllm.Task  # its problems, prompts, answers and reward
     mask_id: int
     response_length: int
     device: torch.device
@@ -116,7 +116,7 @@ class Policy:
 
 @dataclass
 class Rollout:
-    problems: torch.Tensor     # (B, 2) operand pairs, each repeated G times
+    problems: torch.Tensor     # (B, k) the task's problems, each repeated G times
     prompts: torch.Tensor      # (B, Lp)
     responses: torch.Tensor    # (B, L)
     rewards: torch.Tensor      # (B,)
@@ -131,7 +131,7 @@ class Rollout:
 @torch.no_grad()
 def rollout(policy, problems, cfg, generator):
     """Steps 1-2: cfg.group responses per problem, their rewards and advantages."""
-    problems = problems.repeat_interleave(cfg.group, dim=0)                   # (B, 2)
+    problems = problems.repeat_interleave(cfg.group, dim=0)                   # (B, k)
     prompts, prompt_mask = toy_dllm.encode_padded_prompts(
         policy.tokenizer, policy.task.prompts(problems), policy.device)      # (B, Lp) each
     responses = toy_dllm.generate(
@@ -267,6 +267,7 @@ def elbo_terms(model, prompts, responses, masks, weights, mask_id, prompt_mask=N
                           for m, w in zip(masks.split(mc_batch), weights.split(mc_batch))])
     K, B, L = masks.shape
     rows = weights.flatten().nonzero().squeeze(1)                        # of the K B rows
+    rows = rows if len(rows) else rows.new_zeros(1)  # none: one of weight 0, to have a graph
     b = rows % B                                                         # their responses
     mask = masks.reshape(K * B, L)[rows].bool()                          # (R, L)
     logp = toy_dllm.token_log_probs(model, prompts[b], responses[b], mask, mask_id,
@@ -589,15 +590,24 @@ def explain(policy, cfg):
     n, A = cfg.samples, batch.advantages
     print(f"One BGPO step: {cfg.prompts} prompts x G = {cfg.group} responses, n_t = {n}, "
           f"scheme {cfg.scheme}; '_' is [MASK], '.' the end token\n")
-    print("1-2. rollout; reward r (exact match); advantage A = (r - mean r) / std r per group")
+    print("1-2. rollout; reward r (the task's); advantage A = (r - mean r) / std r per group")
     truths = policy.task.answers(batch.problems)
 
-    def show(i, mask=None):  # '37+48=0_5'
-        return toy_dllm.show_tokens(policy.tokenizer, batch.prompts[i], batch.responses[i], mask)
+    def show(i, mask=None, response=None):  # '37+48=0_5'
+        return toy_dllm.show_tokens(policy.tokenizer, batch.prompts[i], batch.responses[i]
+                                    if response is None else response, mask)
 
     for i in range(len(A)):
         print(f"  y{i + 1:<2} {show(i)}   (truth {truths[i]})"
-              f"   r = {batch.rewards[i]:.0f}   A = {A[i]:+.3f}")
+              f"   r = {batch.rewards[i]:g}   A = {A[i]:+.3f}")
+    order, y = [], torch.full_like(batch.responses[:1], policy.mask_id)   # greedy, y1's prompt
+    greedy = toy_dllm.generate(model, batch.prompts[:1], policy.mask_id, y.shape[1], cfg.block_length,
+                               cfg.sampler_steps, prompt_mask=batch.prompt_mask, order=order)
+    print("   the sampler's order, greedy on y1's prompt: the most confident first, anywhere")
+    for step, (pos, score) in enumerate(order, 1):  # (1, k) each
+        y[0, pos[0]] = greedy[0, pos[0]]
+        print(f"  {step:>3}. {show(0, y[0] == policy.mask_id, y[0])}   position "
+              + ", ".join(f"{p} (p = {c:.2f})" for p, c in zip(pos[0].tolist(), score[0].tolist())))
     masks, weights, old_terms = masks_and_old_terms(
         policy, batch, n, cfg.scheme, torch.Generator().manual_seed(cfg.seed), cfg.length_norm)
     rule = {"stratified": "L/m", "one_step": "1"}.get(cfg.scheme, "(L+1)/m") + " / L" * cfg.length_norm
@@ -660,7 +670,7 @@ def load_policy(cfg, device, checkpoint=None):
     """The toy, or the model of --model / --resume, checked against the task."""
     path = checkpoint or cfg.model
     saved = real_dllm.saved_settings(path) if path else {}
-    task = toy_dllm.make_task(cfg.digits, cfg.test_size)
+    task = toy_dllm.load_task(cfg.task, cfg.digits, cfg.test_size)
     source = f"--resume {cfg.resume}" if checkpoint else f"--model {path}"
     with runs.blame(source) if path else contextlib.nullcontext():
         model, tokenizer = runs.load_model(cfg, path, saved)
@@ -668,13 +678,16 @@ def load_policy(cfg, device, checkpoint=None):
                         if m is not None), None)
         if mask_id is None:
             raise ValueError("the tokenizer names no mask token; give --mask-id")
-        prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(task.test))
-    longest = max(len(ids) for ids in tokenizer(task.answers(task.test),
-                                                add_special_tokens=False)["input_ids"])
+        problems = torch.cat([task.train, task.test])
+        prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(problems))
+    tokens = [len(ids) for ids in tokenizer(task.answers(problems), add_special_tokens=False)["input_ids"]]
+    longest = max(tokens)
     length = (cfg.response_length or saved.get("response_length")
               or (task.answer_length if path is None else longest + 1))
     if length < longest:
-        raise ValueError(f"--response-length {length} is shorter than the longest answer "
+        i = problems[next(i for i, n in enumerate(tokens) if n > length), 0]  # a JSONL line's
+        raise ValueError((f"{cfg.task}:{task.records[i]['line']}: " if task.name == "jsonl" else "")
+                         + f"--response-length {length} is shorter than the longest answer "
                          f"({longest} tokens)")
     real_dllm.check_fits(model, tokenizer, mask_id, prompts.shape[1] + length, padded is not None)
     model = model.to(device).eval()

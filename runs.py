@@ -75,7 +75,9 @@ class Config:
     mask_id: int = flag(None, "[MASK] id, if the tokenizer names none", low=0)
     shifted_logits: str = flag("auto", "read token i at i-1 (Dream)", choices=("auto", "yes", "no"))
     response_length: int = flag(None, "L: the answer, then end tokens (default: the answer)", low=1)
-    digits: int = flag(2, "operand digits of the task", low=2, high=9)
+    task: str = flag("add", "add, countdown, sudoku, or FILE.jsonl of prompts and answers",
+                     metavar="TASK")
+    digits: int = flag(2, "operand digits of --task add", low=2, high=9)
     test_size: int = flag(1000, "test problems", low=1)
     # memory levers for a real diffusion LM (real_dllm.py)
     lora_rank: int = flag(None, "train LoRA adapters of this rank, not the weights", low=1)
@@ -218,7 +220,7 @@ def load_model(cfg, path, saved):
     """(model, tokenizer) of path (None: the toy); LoRA adapters on their base."""
     if path is None:
         with real_dllm.rank_zero_first():  # torchrun: rank 0 trains the warm start, the rest load it
-            return toy_dllm.warm_start(n_digits=cfg.digits, n_test=cfg.test_size,
+            return toy_dllm.warm_start(task=cfg.task, n_digits=cfg.digits, n_test=cfg.test_size,
                                        response_length=cfg.response_length)[:2]
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = saved.get("lora_base")
@@ -308,23 +310,25 @@ def format_table(rows):
 TIME_SPLIT = ("rollout", "loss", "update", "eval")
 
 def evaluate_policy(policy, cfg, n_failures=3):
-    """Greedy test accuracy and a few failures (torchrun: over all ranks)."""
+    """Greedy test accuracy, a few failures and the mean reward (torchrun: over all ranks)."""
     test, size = policy.task.test, real_dllm.world()[1]
     share, batch_size = real_dllm.rank_share(test, 1000)  # torchrun: every W-th problem
-    acc, failures = toy_dllm.evaluate(
+    acc, failures, reward = toy_dllm.evaluate(
         policy.model, policy.tokenizer, policy.task, share, policy.mask_id,
         policy.response_length, batch_size=batch_size, n_failures=n_failures,
-        block_length=cfg.block_length, steps=cfg.sampler_steps)
-    if size == 1:
-        return acc, failures
-    return real_dllm.global_mean(acc * len(share)) * size / len(test), failures
+        with_reward=True, block_length=cfg.block_length, steps=cfg.sampler_steps)
+    if size > 1:
+        acc, reward = (real_dllm.global_mean(x * len(share)) * size / len(test) for x in (acc, reward))
+    return acc, failures, reward
 
 def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
     """The loop's state: fresh (with the accuracy before RL), or as saved."""
     if resume_state is None:
-        acc_before, failures = evaluate_policy(policy, cfg)
-        say("\n".join(failures + [f"greedy test accuracy before RL: {acc_before:.1%}"]))
-        return dict(step=0, acc_before=acc_before, seconds=0.0, peak_activation_bytes=0,
+        acc_before, failures, reward = evaluate_policy(policy, cfg)
+        say("\n".join(failures + [f"greedy test accuracy before RL: {acc_before:.1%} "
+                                  f"(mean reward {reward:.3f})"]))
+        return dict(step=0, acc_before=acc_before, reward_before=reward, seconds=0.0,
+                    peak_activation_bytes=0,
                     skipped_updates=0, metrics=[], device_type=policy.device.type,
                     world_size=real_dllm.world()[1], last_acc=acc_before, last_eval=None,
                     started=time.time(), time_split=dict.fromkeys(TIME_SPLIT, 0))
@@ -342,13 +346,15 @@ def start_or_resume(policy, cfg, optimizer, data_rng, sample_rng, resume_state):
 
 def finish(policy, cfg, state, out):
     """Say the accuracy before and after; write the summary and the model."""
-    acc_after, failures = state["last_eval"] or evaluate_policy(policy, cfg)
+    acc_after, failures, reward = state["last_eval"] or evaluate_policy(policy, cfg)
     seconds = time.time() - state["started"]
     say("\n".join(failures + [f"greedy test accuracy: {state['acc_before']:.1%} before RL -> "
-                              f"{acc_after:.1%} after {cfg.steps} steps ({seconds:.0f}s)"]))
+                              f"{acc_after:.1%} after {cfg.steps} steps ({seconds:.0f}s); "
+                              f"mean reward {state.get('reward_before', math.nan):.3f} -> {reward:.3f}"]))
     rank, size = real_dllm.world()
     summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
                    seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,
+                   reward_before=state.get("reward_before"), reward_after=reward, task=cfg.task,
                    seconds=round(seconds, 3), peak_activation_bytes=state["peak_activation_bytes"],
                    skipped_updates=state["skipped_updates"], world_size=size,
                    time_split={part: round(t, 3) for part, t in state["time_split"].items()})

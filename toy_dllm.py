@@ -1,10 +1,10 @@
-"""A tiny masked-diffusion language model that learns to add.
+"""A tiny masked-diffusion language model that learns to add (or Countdown, Sudoku, yours).
 
-The toy task and its reward, the vocabulary, the forward (masking) process
-and training loss, the LLaDA-style sampler, the network, and a supervised
-warm start. Nothing here knows about RL; bgpo.py imports this file and adds
-it. Sections 1-5 read top-down, each function before the ones it calls, in
-the order an RL step uses them; 6-8 (evaluation, warm start, saving) use them.
+The tasks and their rewards, the vocabulary, the forward (masking) process and
+training loss, the LLaDA-style sampler, the network, and a supervised warm start.
+Nothing here knows about RL; bgpo.py imports this file and adds it. Sections 1-5
+read top-down, in the order an RL step uses them; 6-8 (evaluation, warm start,
+saving) use them.
 
     operands   a = 37, b = 48, each written with exactly n_digits digits
     prompt x   "37+48="                       6 tokens, never masked
@@ -24,6 +24,7 @@ reads its inputs the same way (forward_logits; real_dllm.py adapts others).
 
 import ast
 import contextlib
+import itertools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from tqdm import tqdm
@@ -49,6 +51,7 @@ hf_logging.disable_progress_bar()  # no "Loading weights" bar on every load
 # Settings of the warm start; they are its cache key.
 
 WARM_START = dict(
+    task="add",         # add, countdown, sudoku or a .jsonl file (toy_dllm.load_task)
     n_digits=2,         # digits per operand: "37+48=" -> "085"
     response_length=None,  # answer + end tokens up to this many; None: the answer alone
     n_test=1000,        # held-out problems for greedy test accuracy
@@ -65,16 +68,31 @@ WARM_START = dict(
 )
 
 # -----------------------------------------------------------------------------
-# 1. The task: fixed-width addition with an exact-match reward
-#    prompt "a+b=", answer "a+b" zero-padded to n_digits + 1 digits.
-#    reward(y) = 1.0 if the decoded answer equals the true one, else 0.0
+# 1. The task: what the loop, the warm start and the evaluation ask of one
+#    (Task), addition with an exact-match reward (the default), Countdown and
+#    4x4 Sudoku with d1's rewards, and prompts of your own from a JSONL file.
+
+class Task:
+    """A task's problems are the rows of Long tensors that only the task reads:
+        train, test          Long (N, k): disjoint problems, one a row
+        prompts(problems)    the prompt strings, one a row
+        answers(problems)    a right answer of each (what the warm start learns)
+        rewards(problems, texts)  Float (B,) in [0, 1] of decoded responses
+        solved(rewards)      Bool (B,): what accuracy counts (reward == 1)
+        answer_length        tokens of the longest answer: L unless --response-length
+        name                 add, countdown, sudoku or jsonl"""
+
+    def solved(self, rewards):
+        return rewards == 1
 
 @dataclass
-class ArithmeticTask:
-    """Addition problems as operand pairs; train and test are disjoint."""
+class ArithmeticTask(Task):
+    """Addition problems as operand pairs; train and test are disjoint.
+    reward(y) = 1.0 if the decoded answer equals the true one, else 0.0"""
     n_digits: int
     train: torch.Tensor  # (N_train, 2) operand pairs (a, b)
     test: torch.Tensor   # (N_test, 2)
+    name = "add"
 
     @property
     def answer_length(self):
@@ -121,6 +139,123 @@ def make_task(n_digits=2, n_test=1000, seed=0, max_train=100_000):
         ids = ids[torch.randperm(len(ids), generator=g)][:n]
     pairs = torch.stack([ids // 10**n_digits, ids % 10**n_digits], dim=1)  # (n, 2)
     return ArithmeticTask(n_digits, train=pairs[n_test:], test=pairs[:n_test])
+
+def load_task(name="add", n_digits=2, n_test=1000, seed=0):
+    """--task: "add", "countdown", "sudoku" or the path of a .jsonl file."""
+    if name == "add":
+        return make_task(n_digits, n_test, seed)
+    if name in ("countdown", "sudoku"):
+        return (make_countdown if name == "countdown" else make_sudoku)(n_test, seed)
+    if name.endswith(".jsonl"):
+        return read_jsonl(name, n_test)
+    raise ValueError(f"--task {name!r}: use add, countdown, sudoku or a .jsonl file")
+
+@dataclass
+class RecordTask(Task):
+    """A task as records, one a problem: {"prompt": "2+3=", "answer": "5"}, and optionally
+    "reward": "exact" (the default: equal without spaces), "countdown" (with "numbers"
+    and "target") or "sudoku" (with "puzzle" and "solution"). make_countdown and
+    make_sudoku make theirs; a JSONL file is records written down, one a line."""
+    name: str
+    records: list        # dicts as above
+    train: torch.Tensor  # (N_train, 1) indices of records
+    test: torch.Tensor   # (N_test, 1)
+    answer_length: int   # characters of the longest answer
+
+    def prompts(self, problems):
+        return [self.records[i]["prompt"] for i in problems[:, 0].tolist()]
+
+    def answers(self, problems):
+        return [self.records[i]["answer"] for i in problems[:, 0].tolist()]
+
+    def rewards(self, problems, texts):
+        records = [self.records[i] for i in problems[:, 0].tolist()]
+        return torch.tensor([REWARDS[r.get("reward", "exact")][1](r, t) for r, t in zip(records, texts)])
+
+REWARDS = {  # a record's "reward": the keys it needs, and (the record, decoded text) -> reward
+    "exact": ((), lambda r, text: float("".join(text.split()) == "".join(r["answer"].split()))),
+    "countdown": (("numbers", "target"), lambda r, t: countdown_reward(r["numbers"], r["target"], t)),
+    "sudoku": (("puzzle", "solution"), lambda r, t: sudoku_reward(r["puzzle"], r["solution"], t))}
+
+def make_countdown(n_test=1000, seed=0, high=20):
+    """Countdown (d1's 3 numbers; here 1..high): every 3 numbers and each target in 1..100
+    that (a o b) o c reaches, o in + - * /, once (so test's never in train); the numbers
+    in a seeded order. {"prompt": "17,03,05:070=", "answer": "(17-3)*5", "numbers": ...}"""
+    solutions, g = {}, torch.Generator().manual_seed(seed)
+    for numbers in itertools.combinations_with_replacement(range(1, high + 1), 3):
+        for a, b, c in itertools.permutations(numbers):
+            for o, p in itertools.product("+-*/", repeat=2):
+                try:
+                    value = OPS[p](OPS[o](Fraction(a), b), c)
+                except ZeroDivisionError:
+                    continue
+                if value.denominator == 1 and 1 <= value <= 100:  # the first found is kept
+                    solutions.setdefault((numbers, int(value)), f"({a}{o}{b}){p}{c}")
+    records = []
+    for (numbers, target), answer in solutions.items():
+        numbers = [numbers[i] for i in torch.randperm(3, generator=g).tolist()]
+        records.append(dict(prompt=",".join(f"{n:02d}" for n in numbers) + f":{target:03d}=",
+                            answer=answer, reward="countdown", numbers=numbers, target=target))
+    order = torch.randperm(len(records), generator=g)[:, None]                 # test first
+    return RecordTask("countdown", records, order[n_test:], order[:n_test], 10)  # "(12+13)*14"
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+def make_sudoku(n_test=1000, seed=0, per_grid=100, test_grids=36):
+    """4x4 Sudoku (d1's: 8 blanks): per_grid puzzles of each of the 288 grids, 8 random
+    cells blanked, kept if no other grid fits the rest; test: the puzzles of test_grids of
+    the grids (split by solution, as SPG's). {"prompt": "1030...=", "answer": "1234...", ...}"""
+    rows, grids = list(itertools.permutations(range(1, 5))), [()]
+    for r in range(4):  # a row fits if no column repeats, nor its 2x2 box on odd rows
+        grids = [g + (row,) for g in grids for row in rows if all(row[c] != q[c] for q in g
+                 for c in range(4)) and (r % 2 == 0 or not {*row[:2]} & {*g[-1][:2]})]
+    grids = torch.tensor(grids).flatten(1)                                          # (288, 16)
+    g = torch.Generator().manual_seed(seed)
+    records, held_out = [], 0
+    for i, grid in enumerate(grids[torch.randperm(len(grids), generator=g)]):
+        if i == test_grids:  # the puzzles so far are test's
+            held_out = len(records)
+        shown = torch.rand(2 * per_grid, 16, generator=g).argsort(-1) >= 8          # 8 blanks
+        fits = ((grids[None] == grid) | ~shown[:, None]).all(-1).sum(-1)            # grids that fit
+        solution = "".join(map(str, grid.tolist()))
+        for puzzle in (grid * shown[fits == 1][:per_grid]).tolist():
+            puzzle = "".join(map(str, puzzle))
+            records.append(dict(prompt=puzzle + "=", answer=solution, reward="sudoku",
+                                puzzle=puzzle, solution=solution))
+    train = held_out + torch.randperm(len(records) - held_out, generator=g)[:, None]
+    return RecordTask("sudoku", records, train, torch.randperm(held_out, generator=g)[:n_test, None], 16)
+
+def read_jsonl(path, n_test):
+    """The RecordTask of a file; ValueError "path:line: what is wrong" at its first bad line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from e
+    records = []
+    for n, line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+        r = r if isinstance(r, dict) else {}
+        rule, split = REWARDS.get(r.get("reward", "exact")), r.get("split", "train")
+        missing = [k for k in ("prompt", "answer", *(rule or [()])[0]) if k not in r]
+        if missing or not rule or split not in ("train", "test") or not all(
+                isinstance(r[k], str) and r[k] for k in ("prompt", "answer")):
+            raise ValueError(f"{path}:{n}: " + (f"no {missing[0]!r}" if missing else "'prompt' "
+                             f"and 'answer' must be text, 'split' train or test, 'reward' one of "
+                             f"{sorted(REWARDS)}"))
+        records.append(dict(r, line=n))
+    test = [i for i, r in enumerate(records) if r.get("split") == "test"]
+    if not any("split" in r for r in records):
+        test = list(range(max(len(records) - n_test, 0), len(records)))
+    train = sorted(set(range(len(records))) - set(test))
+    if not train or not test:
+        raise ValueError(f"{path}: {len(records)} prompts leave no {'test' if train else 'train'}"
+                         " prompts (\"split\" keys, or --test-size for the last lines)")
+    return RecordTask("jsonl", records, torch.tensor(train)[:, None], torch.tensor(test)[:, None],
+                      max(len(r["answer"]) for r in records))
 
 # The planning tasks' rewards, d1's rules (its reward_func.py) on the toy's answers, which
 # are the expression or the grid alone, without <answer> tags
@@ -174,14 +309,17 @@ def sudoku_reward(puzzle, solution, text):
 # 2. The vocabulary: one token per character, plus [PAD] and [MASK]
 #    [PAD] doubles as the end token that pads a response to its fixed length.
 
-def build_tokenizer():
-    """A character-level transformers tokenizer: 0-9 + = [PAD] [MASK]."""
-    tokens = list("0123456789+=") + ["[PAD]", "[MASK]"]
+def build_tokenizer(more=False):
+    """A character-level transformers tokenizer: 0-9 + = [PAD] [MASK] (addition's ids),
+    then if more, MORE: what Countdown, Sudoku and a JSONL file may need."""
+    tokens = list("0123456789+=") + ["[PAD]", "[MASK]"] + list(MORE if more else "")
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()  # "0" "8" "5" -> "085", no spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
                                    eos_token="[PAD]", mask_token="[MASK]")
+
+MORE = "-*/(),:;.?! abcdefghijklmnopqrstuvwxyz"
 
 def show_tokens(tokenizer, prompt, response, mask=None):
     """'37+48=' + '0_5': a prompt, then its response with '_' where masked and
@@ -268,25 +406,23 @@ def diffusion_loss(model, prompts, responses, t, mask, mask_id):
 #    confident, k from a linear schedule that fills the block on its last step.
 
 @torch.no_grad()
-def generate(model, prompts, mask_id, length, block_length=None, steps=None,
-             temperature=0.0, remasking="low_confidence", generator=None, prompt_mask=None):
-    """Long (B, L): responses of L = length tokens to prompts (B, Lp), no mask left. model:
-    any masked LM (logits (B, T, V)); block_length divides L; steps in all, a multiple of
-    the blocks (both default L); temperature 0: greedy; remasking: "low_confidence" or
-    "random"; generator on the model's device; prompt_mask (B, Lp): False at left padding."""
+def generate(model, prompts, mask_id, length, block_length=None, steps=None, temperature=0.0,
+             remasking="low_confidence", generator=None, prompt_mask=None, order=None):
+    """Long (B, L): responses of L = length tokens to prompts (B, Lp), no mask left. model: any
+    masked LM (logits (B, T, V)); block_length divides L; steps in all, a multiple of the blocks
+    (both default L); temperature 0: greedy; remasking: "low_confidence" or "random"; generator
+    on the model's device; prompt_mask (B, Lp): False at left padding; order: a list, given each
+    step's commits: positions and their scores (B, k) (the decoding order; --explain)."""
     block_length, n_blocks, steps_per_block = sampler_blocks(length, block_length, steps)
     if temperature < 0 or remasking not in ("low_confidence", "random"):
-        raise ValueError(f"temperature must be >= 0 and remasking 'low_confidence' or 'random', "
-                         f"got {temperature} and {remasking!r}")
+        raise ValueError(f"temperature {temperature} < 0 or remasking {remasking!r} unknown")
     B, Lp = prompts.shape
     x = torch.cat([prompts, torch.full((B, length), mask_id, device=prompts.device)], 1)
     attention = None if prompt_mask is None else torch.cat(                # (B, T) or None
         [prompt_mask, prompt_mask.new_ones(B, length)], 1)
     for block in range(n_blocks):
         lo, hi = Lp + block * block_length, Lp + (block + 1) * block_length  # the block's columns
-        for k in transfer_schedule(block_length, steps_per_block):
-            if k == 0:
-                continue
+        for k in filter(None, transfer_schedule(block_length, steps_per_block)):  # k > 0
             logits = forward_logits(model, x, attention)[:, lo:hi].float()  # (B, Lb, V)
             logits[..., mask_id] = -math.inf   # [MASK] is never a prediction
             if temperature > 0:  # Gumbel-max: argmax(logits/T + G) ~ softmax(logits/T)
@@ -302,8 +438,9 @@ def generate(model, prompts, mask_id, length, block_length=None, steps=None,
             masked = x[:, lo:hi] == mask_id                                # (B, Lb)
             score = torch.where(masked, score, -math.inf)  # committed tokens stay
             chosen = score.topk(k, dim=-1).indices                         # (B, k)
-            commit = torch.zeros_like(masked).scatter_(1, chosen, True)
-            x[:, lo:hi] = torch.where(commit, pred, x[:, lo:hi])
+            x[:, lo:hi].scatter_(1, chosen, pred.gather(1, chosen))         # committed
+            if order is not None:
+                order.append((lo - Lp + chosen, score.gather(1, chosen)))
     return x[:, Lp:]
 
 def sampler_blocks(length, block_length=None, steps=None):
@@ -355,8 +492,9 @@ def forward_logits(model, input_ids, attention_mask=None):
 # 6. Evaluation: greedy exact-match accuracy, with a few failures shown
 
 def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
-             batch_size=1000, n_failures=0, **sampler_kwargs):
-    """(greedy accuracy, up to n_failures lines "model says 37+48=086, truth is 085")."""
+             batch_size=1000, n_failures=0, with_reward=False, **sampler_kwargs):
+    """(greedy accuracy: the share task.solved, up to n_failures lines "model says
+    37+48=086, truth is 085", and with_reward: the mean reward)."""
     mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
     length = task.answer_length if length is None else length
     device = next(model.parameters()).device
@@ -368,10 +506,12 @@ def evaluate(model, tokenizer, task, problems, mask_id=None, length=None,
         said = decode_responses(tokenizer, responses)                  # decoded once
         r = task.rewards(chunk, said)
         rewards.append(r)
-        for i in (r == 0).nonzero().flatten().tolist()[: n_failures - len(failures)]:
+        for i in (~task.solved(r)).nonzero().flatten().tolist()[: n_failures - len(failures)]:
             failures.append(f"model says {task.prompts(chunk[i:i+1])[0]}{said[i]}, "
                             f"truth is {task.answers(chunk[i:i+1])[0]}")
-    return torch.cat(rewards).mean().item(), failures
+    rewards = torch.cat(rewards)
+    acc = task.solved(rewards).float().mean().item()
+    return (acc, failures, rewards.mean().item()) if with_reward else (acc, failures)
 
 # -----------------------------------------------------------------------------
 # 7. Warm start: supervised diffusion_loss training until 30% of 500 held-out
@@ -384,7 +524,11 @@ def warm_start_path(settings):
     return os.path.join(cache, f"warm-start-{key[:12]}")
 
 def cache_key(settings):  # not the thread count, whose float rounding the first trained keeps
-    return dict(settings, torch=torch.__version__)
+    key = dict(settings, torch=torch.__version__)
+    if settings["task"].endswith(".jsonl"):  # and a JSONL file's contents
+        with open(settings["task"], "rb") as f:
+            key["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return key
 
 def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
              target_accuracy=None, eval_every=10, n_val=500, length=None, progress=False):
@@ -392,13 +536,14 @@ def pretrain(model, tokenizer, task, max_steps, batch_size, lr, seed=0,
     held-out train problems reaches target_accuracy (a bar if progress); returns the steps."""
     length = task.answer_length if length is None else length
     g = torch.Generator().manual_seed(seed)
+    n_val = min(n_val, len(task.train) // 2)  # a small JSONL file: half of it
     val, train = task.train[:n_val], task.train[n_val:]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     mask_id = tokenizer.mask_token_id
     bar = tqdm(range(1, max_steps + 1), desc="warm start", disable=not progress, leave=False)
     for step in bar:
         model.train()
-        problems = train[torch.randint(len(train), (batch_size,), generator=g)]  # (B, 2)
+        problems = train[torch.randint(len(train), (batch_size,), generator=g)]  # (B, k)
         prompts = encode_prompts(tokenizer, task.prompts(problems))          # (B, Lp)
         responses = encode_responses(tokenizer, task.answers(problems), length)  # (B, L)
         t = 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=g)        # (B,), t > 0
@@ -425,10 +570,19 @@ def warm_start(verbose=True, **overrides):
     unknown = set(settings) - set(WARM_START)
     if unknown:
         raise ValueError(f"unknown warm-start setting(s): {sorted(unknown)}")
-    task = make_task(settings["n_digits"], settings["n_test"], settings["seed"])
-    length = settings["response_length"] or task.answer_length
+    task = load_task(settings["task"], settings["n_digits"], settings["n_test"], settings["seed"])
+    tokenizer, length = build_tokenizer(more=task.name != "add"), settings["response_length"]
+    lines = task.records if task.name == "jsonl" else []  # a JSONL file: where it goes wrong
+    for r in lines:  # its characters must be the toy's
+        c = next((c for c in r["prompt"] + r["answer"] if c not in tokenizer.vocab), None)
+        if c is not None:
+            raise ValueError(f"{settings['task']}:{r['line']}: {c!r} is not in the toy's "
+                             "vocabulary (0-9 + = and MORE in toy_dllm.py); give --model")
+    length = length or task.answer_length
     if length < task.answer_length:
-        raise ValueError(f"response length {length} is shorter than the "
+        r = next((r for r in lines if len(r["answer"]) > length), None)
+        raise ValueError((f"{settings['task']}:{r['line']}: " if r else "")
+                         + f"response length {length} is shorter than the "
                          f"{task.answer_length}-token answer")
     if length == task.answer_length:  # one cache entry for the answer's own length
         settings["response_length"] = None
@@ -438,10 +592,10 @@ def warm_start(verbose=True, **overrides):
         if cached:
             return (*cached, task, settings)
         t0 = time.time()
-        tokenizer = build_tokenizer()
         network = {key: settings[key] for key in ("hidden_size", "num_layers", "num_heads",
                                                   "intermediate_size")}
-        model = build_model(tokenizer, 2 * task.n_digits + 2 + length, settings["seed"], **network)
+        prompt_length = max(map(len, task.prompts(torch.cat([task.train, task.test]))))
+        model = build_model(tokenizer, prompt_length + length, settings["seed"], **network)
         steps = pretrain(model, tokenizer, task, settings["max_steps"], settings["batch_size"],
                          settings["lr"], settings["seed"], settings["target_accuracy"],
                          settings["eval_every"], length=length, progress=verbose)

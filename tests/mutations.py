@@ -19,6 +19,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJ, RL, CKPT = "tests/test_objectives.py::", "tests/test_rl.py::", "tests/test_checkpoints_and_errors.py::"
 TOY, LEVERS, SCALE = "tests/test_toy_dllm.py::", "tests/test_memory_levers.py::", "tests/test_scale_out.py::"
+TASKS = "tests/test_tasks.py::"
 
 # (name, file, the line as it is, the line broken, the test that must fail)
 MUTATIONS = [
@@ -134,6 +135,26 @@ MUTATIONS = [
     ("uniform_t: an empty mask weighted L + 1 and computed", "bgpo.py",
      "torch.where(m > 0, (L + 1) / m.clamp(min=1), 0.0)", "(L + 1) / m.clamp(min=1)",
      OBJ + "test_uniform_t_masks_follow_the_forward_process"),
+    ("elbo_terms: a pass with no row to compute runs the model on nothing", "bgpo.py",
+     "rows = rows if len(rows) else rows.new_zeros(1)  # none: one of weight 0, to have a graph",
+     "pass", OBJ + "test_a_sample_whose_masks_are_all_empty_adds_nothing"),
+    ("sudoku split: test puzzles drawn from every grid", "toy_dllm.py",
+     "torch.randperm(held_out, generator=g)[:n_test, None]",
+     "torch.randperm(len(records), generator=g)[:n_test, None]",
+     TASKS + "test_sudoku_split_by_solution_with_unique_puzzles"),
+    ("countdown split: a problem once per order of its numbers", "toy_dllm.py",
+     'solutions.setdefault((numbers, int(value)), f"({a}{o}{b}){p}{c}")',
+     'solutions.setdefault(((a, b, c), int(value)), f"({a}{o}{b}){p}{c}")',
+     TASKS + "test_countdown_problems_are_reachable_and_split_without_leaks"),
+    ("jsonl: the split keys ignored", "toy_dllm.py",
+     "if not any(\"split\" in r for r in records):", "if True:",
+     TASKS + "test_a_jsonl_file_trains_on_the_toy"),
+    ("jsonl: errors name the line before", "toy_dllm.py",
+     "records.append(dict(r, line=n))", "records.append(dict(r, line=n - 1))",
+     TASKS + "test_a_bad_jsonl_file_is_one_line_naming_the_file_and_line"),
+    ("accuracy: any reward above 0 counts as solved", "toy_dllm.py",
+     "acc = task.solved(rewards).float().mean().item()", "acc = (rewards > 0).float().mean().item()",
+     TASKS + "test_accuracy_is_the_share_solved_and_the_mean_reward_counts_the_rest"),
 ]
 
 

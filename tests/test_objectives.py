@@ -629,3 +629,27 @@ def test_docstring_examples():
     for module in (bgpo, toy_dllm, real_dllm):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("method", ["bgpo", "naive", "two_pass"])
+def test_a_sample_whose_masks_are_all_empty_adds_nothing(tokenizer, method, merge):
+    """uniform_t's empty masks get weight 0 and are not computed: a sample that masks
+    nothing in any response (a pass with no row to compute) adds 0 and breaks nothing.
+    Second way: the same call without that sample, its 1/n_t put back (on-policy, R and
+    R_lb are linear in the samples' mean)."""
+    model = tiny_model(tokenizer, dtype=torch.float64)
+    prompts, responses = random_batch(2, 4, 3)
+    A = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    masks = torch.zeros(3, 2, 3, dtype=torch.bool)                  # sample 0: nothing masked
+    masks[1, :, 0], masks[2, 0, :], masks[2, 1, 1:] = True, True, True
+    n_masked = masks.sum(-1)
+    weights = torch.where(n_masked > 0, 4.0 / n_masked.clamp(min=1), 0.0).double()
+    grads = []
+    for m, w, scale in [(masks, weights, 1.0), (masks[1:], weights[1:], 2 / 3)]:
+        model.zero_grad(set_to_none=True)
+        loss = bgpo.policy_loss_backward(model, prompts, responses, A, m, w, None, MASK,
+                                         method=method, merge=merge)
+        grads.append((loss, bgpo.flat_grad(model).clone() * scale))
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+    assert grads[0][1].abs().max() > 0
