@@ -680,7 +680,7 @@ def load_policy(cfg, device, checkpoint=None):
             raise ValueError("the tokenizer names no mask token; give --mask-id")
         problems = torch.cat([task.train, task.test])
         prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(problems))
-    tokens = [len(ids) for ids in tokenizer(task.answers(problems), add_special_tokens=False)["input_ids"]]
+    tokens = [len(t) for t in tokenizer(task.answers(problems), add_special_tokens=False)["input_ids"]]
     longest = max(tokens)
     length = (cfg.response_length or saved.get("response_length")
               or (task.answer_length if path is None else longest + 1))

@@ -348,9 +348,10 @@ def finish(policy, cfg, state, out):
     """Say the accuracy before and after; write the summary and the model."""
     acc_after, failures, reward = state["last_eval"] or evaluate_policy(policy, cfg)
     seconds = time.time() - state["started"]
+    before = state.get("reward_before", math.nan)  # runs started before it was kept: nan
     say("\n".join(failures + [f"greedy test accuracy: {state['acc_before']:.1%} before RL -> "
                               f"{acc_after:.1%} after {cfg.steps} steps ({seconds:.0f}s); "
-                              f"mean reward {state.get('reward_before', math.nan):.3f} -> {reward:.3f}"]))
+                              f"mean reward {before:.3f} -> {reward:.3f}"]))
     rank, size = real_dllm.world()
     summary = dict(method=cfg.method, samples=cfg.samples, scheme=cfg.scheme, steps=cfg.steps,
                    seed=cfg.seed, acc_before=state["acc_before"], acc_after=acc_after,

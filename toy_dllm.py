@@ -170,7 +170,8 @@ class RecordTask(Task):
 
     def rewards(self, problems, texts):
         records = [self.records[i] for i in problems[:, 0].tolist()]
-        return torch.tensor([REWARDS[r.get("reward", "exact")][1](r, t) for r, t in zip(records, texts)])
+        return torch.tensor([REWARDS[r.get("reward", "exact")][1](r, t)
+                             for r, t in zip(records, texts)])
 
 REWARDS = {  # a record's "reward": the keys it needs, and (the record, decoded text) -> reward
     "exact": ((), lambda r, text: float("".join(text.split()) == "".join(r["answer"].split()))),
@@ -223,7 +224,8 @@ def make_sudoku(n_test=1000, seed=0, per_grid=100, test_grids=36):
             records.append(dict(prompt=puzzle + "=", answer=solution, reward="sudoku",
                                 puzzle=puzzle, solution=solution))
     train = held_out + torch.randperm(len(records) - held_out, generator=g)[:, None]
-    return RecordTask("sudoku", records, train, torch.randperm(held_out, generator=g)[:n_test, None], 16)
+    test = torch.randperm(held_out, generator=g)[:n_test, None]
+    return RecordTask("sudoku", records, train, test, 16)
 
 def read_jsonl(path, n_test):
     """The RecordTask of a file; ValueError "path:line: what is wrong" at its first bad line."""

@@ -46,6 +46,18 @@ def summary_table(runs, key="acc"):
         lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step} |")
     return "\n".join(lines)
 
+def before_after_table(runs):
+    """Markdown: greedy test accuracy and mean reward before RL and after, mean +- std."""
+    def cell(seeds, key, i):
+        v = [100 * run[key][i][1] for run in seeds.values()]
+        return f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+    lines = ["| setting | seeds | accuracy before | after | mean reward before | after |",
+             "|---|---|---|---|---|---|"]
+    for label, seeds in runs.items():
+        lines.append(f"| {label} | {len(seeds)} | {cell(seeds, 'acc', 0)} | {cell(seeds, 'acc', -1)}"
+                     f" | {cell(seeds, 'reward', 0)} | {cell(seeds, 'reward', -1)} |")
+    return "\n".join(lines) + "\n\n(mean reward in %: the share of the reward's maximum)"
+
 def final(seeds, key="acc"):
     """Each seed's last evaluation, in %, in the seeds' order."""
     return [100 * seeds[seed][key][-1][1] for seed in sorted(seeds, key=int)]
@@ -109,12 +121,45 @@ def timesplit_table(runs):
                      + f" | {part['loss'] / part['rollout']:.1f} |")
     return "\n".join(lines) + "\n"
 
+THREE = "{:.3f}".format
+MEASURED = {  # the columns of a list of rows, as bgpo.py --compare --json and docs/grad_stats.py --json
+    "compare": [("method", "method", str), ("samples", "n_t", str), ("mc_batch", "K", str),
+                ("merged", "merged", lambda v: "yes" if v else "no"),
+                ("objective", "objective", "{:+.6f}".format),
+                ("grad_max_abs_diff", "max|grad-naive|", "{:.1e}".format),
+                ("peak_activation_bytes", "act. MB", lambda v: f"{v / 2**20:.2f}"),
+                ("seconds", "ms/call", lambda v: f"{1000 * v:.0f}"),
+                ("time_vs_naive", "time/naive", "{:.2f}".format)],
+    "grad_stats": [("scheme", "scheme", str), ("samples", "n_t", str), ("masks", "masks", THREE)]
+    + [(key, head, THREE) for key, head in [
+        ("elbo_bias", "ELBO bias"), ("elbo_std", "ELBO std"), ("elbo_floor", "ELBO floor"),
+        ("rel_std", "rel. std"), ("rel_bias", "rel. bias"), ("bias_floor", "bias floor"),
+        ("rel_error", "rel. error")]]}
+
+def rows_table(rows):
+    """A list of measured rows as the program prints it, in a code block; --compare's
+    time/naive: each row's seconds over the naive row's at its n_t."""
+    kind = "grad_stats" if "rel_std" in rows[0] else "compare"
+    naive = {r["samples"]: r["seconds"] for r in rows if r.get("method") == "naive"}
+    rows = [dict(r, time_vs_naive=r["seconds"] / naive[r["samples"]]) if kind == "compare" else r
+            for r in rows]
+    table = [[head for _, head, _ in MEASURED[kind]]]
+    table += [[fmt(r[key]) for key, _, fmt in MEASURED[kind]] for r in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    return "```\n" + "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths))
+                               for row in table) + "\n```\n"
+
 def tables(name, pairs=None):
     """Every table of docs/data/NAME.json, as one markdown block; pairs: [(X, Y)] to compare."""
-    runs = read(name + ".json")["runs"]
+    data = read(name + ".json")
+    if isinstance(data, list):  # measured rows
+        return rows_table(data)
+    runs = data["runs"]
     if name == "timesplit":
         return timesplit_table(runs)
     parts = [summary_table(runs), seeds_line(runs)]
+    if all(run.get("reward") for seeds in runs.values() for run in seeds.values()):
+        parts.insert(0, before_after_table(runs))
     if len(runs) > 1:
         parts.append(comparison_table(runs, pairs))
     if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
@@ -152,9 +197,12 @@ def load_runs(dirs, upto=None):
     for settings, records, summary in found:
         label = " ".join(k if settings.get(k) is True else f"{k}={settings.get(k)}" for k in differ
                          if settings.get(k) not in (None, False)) or "all"
-        run = dict(acc=[[r["step"], r["acc"]] for r in records if "acc" in r],
+        before = [[0, summary["acc_before"]]] if "acc_before" in summary else []  # step 0: before RL
+        run = dict(acc=before + [[r["step"], r["acc"]] for r in records if "acc" in r],
                    time_split=summary.get("time_split"), seconds=summary["seconds"],
                    steps=summary["steps"])
+        if summary.get("reward_after") is not None:  # greedy mean reward, before RL and after
+            run["reward"] = [[0, summary["reward_before"]], [summary["steps"], summary["reward_after"]]]
         for key in ("gap", "abs_d", "clipped"):  # the mean over a step's off-policy updates
             later = [(r["step"], [u[key] for u in r.get("updates", [])[1:] if key in u])
                      for r in records]
