@@ -40,7 +40,8 @@ def summary_table(runs, key="acc"):
         cells = []
         for s in steps:
             v = [100 * dict(run[key])[s] for run in seeds.values()]
-            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}")
+            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v):.1f}" if len(v) > 1
+                         else f"{v[0]:.1f}")  # one seed: no spread to show
         timed = [run["seconds"] / run["steps"] for run in seeds.values() if "seconds" in run]
         per_step = f"{statistics.mean(timed):.2f}" if timed else "-"  # older runs kept none
         lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step} |")
@@ -160,7 +161,7 @@ def tables(name, pairs=None):
     parts = [summary_table(runs), seeds_line(runs)]
     if all(run.get("reward") for seeds in runs.values() for run in seeds.values()):
         parts.insert(0, before_after_table(runs))
-    if len(runs) > 1:
+    if len(runs) > 1 and pairs != []:  # compare="": none (one seed has no spread to test)
         parts.append(comparison_table(runs, pairs))
     if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
         parts.append(diagnostics_table(runs))
@@ -222,7 +223,7 @@ def regenerate(text):
     def block(m):
         found = PAIRS.search(m.group(3))
         pairs = found and [tuple(p.strip() for p in pair.split(" vs "))
-                           for pair in found.group(1).split(";")]
+                           for pair in found.group(1).split(";") if pair.strip()]
         return m.group(1) + tables(m.group(2), pairs) + m.group(5)
     return BLOCK.sub(block, text)
 
