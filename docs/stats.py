@@ -26,6 +26,15 @@ def welch(a, b, level=0.95, power=0.8):
                 p=2 * (1 - t_cdf(abs(diff) / se, df)),
                 detectable=(t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se)
 
+def one_sample(x, level=0.95):
+    """mean(x) against 0 (Student's t, n - 1 df): a dict with mean, its interval (low,
+    high) at `level`, and the two-sided p; for the seeds' gain over one fixed start."""
+    n, mean = len(x), statistics.fmean(x)
+    se = statistics.stdev(x) / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2, n - 1) * se
+    return dict(mean=mean, low=mean - half, high=mean + half,
+                p=2 * (1 - t_cdf(abs(mean) / se, n - 1)) if se else 0.0 if mean else 1.0)
+
 def t_cdf(t, df):
     """P(T <= t) for Student's t with df degrees of freedom (df > 0, not only integers)."""
     tail = 0.5 * incomplete_beta(df / 2, 0.5, df / (df + t * t))

@@ -51,12 +51,18 @@ def before_after_table(runs):
     """Markdown: greedy test accuracy and mean reward before RL and after, mean +- std."""
     def cell(seeds, key, i):
         v = [100 * run[key][i][1] for run in seeds.values()]
-        return f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
-    lines = ["| setting | seeds | accuracy before | after | mean reward before | after |",
-             "|---|---|---|---|---|---|"]
+        return f"{statistics.mean(v):.1f} +- {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+    def gain(seeds):  # after - before, its 95% interval and p (one-sample t over the seeds)
+        d = [100 * (run["acc"][-1][1] - run["acc"][0][1]) for run in seeds.values()]
+        if len(d) < 2:
+            return f"{d[0]:+.1f} | - | -"
+        r = stats.one_sample(d)
+        return f"{r['mean']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | {r['p']:.2g}"
+    lines = ["| setting | seeds | accuracy before | after | after - before | 95% interval | p "
+             "| mean reward before | after |", "|---" * 9 + "|"]
     for label, seeds in runs.items():
         lines.append(f"| {label} | {len(seeds)} | {cell(seeds, 'acc', 0)} | {cell(seeds, 'acc', -1)}"
-                     f" | {cell(seeds, 'reward', 0)} | {cell(seeds, 'reward', -1)} |")
+                     f" | {gain(seeds)} | {cell(seeds, 'reward', 0)} | {cell(seeds, 'reward', -1)} |")
     return "\n".join(lines) + "\n\n(mean reward in %: the share of the reward's maximum)"
 
 def final(seeds, key="acc"):
@@ -159,9 +165,12 @@ def tables(name, pairs=None):
     if name == "timesplit":
         return timesplit_table(runs)
     parts = [summary_table(runs), seeds_line(runs)]
-    if all(run.get("reward") for seeds in runs.values() for run in seeds.values()):
+    every = [run for seeds in runs.values() for run in seeds.values()]
+    if all(run.get("reward") for run in every) and any(  # a reward that is not accuracy
+            run["reward"][-1][1] != run["acc"][-1][1] for run in every):
         parts.insert(0, before_after_table(runs))
-    if len(runs) > 1 and pairs != []:  # compare="": none (one seed has no spread to test)
+    seeded = sum(len(seeds) > 1 for seeds in runs.values())  # one seed has no spread to test
+    if seeded > 1 and pairs != []:  # compare="": none
         parts.append(comparison_table(runs, pairs))
     if any(run.get("gap") for seeds in runs.values() for run in seeds.values()):
         parts.append(diagnostics_table(runs))

@@ -26,3 +26,13 @@ def test_welch_matches_the_textbook_example_and_its_own_definition():
     assert math.isclose(r["high"] - r["low"], 2 * stats.t_quantile(0.975, r["df"]) * se)
     assert math.isclose(r["detectable"], (stats.t_quantile(0.975, r["df"])
                                           + stats.t_quantile(0.8, r["df"])) * se)
+
+
+def test_one_sample_matches_students_sleep_data():
+    """Student's (1908) sleep data, paired: the extra hours of drug 2 over drug 1 in
+    10 patients; R's t.test gives t = 4.062, df = 9, p = 0.00283, 95% interval 0.700
+    to 2.460."""
+    gain = [1.2, 2.4, 1.3, 1.3, 0.0, 1.0, 1.8, 0.8, 4.6, 1.4]
+    r = stats.one_sample(gain)
+    assert (round(r["mean"], 2), round(r["p"], 5), round(r["low"], 3), round(r["high"], 3)) == (
+        1.58, 0.00283, 0.700, 2.460)

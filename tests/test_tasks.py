@@ -169,3 +169,17 @@ def test_accuracy_is_the_share_solved_and_the_mean_reward_counts_the_rest(countd
     r = countdown.rewards(problems, toy_dllm.decode_responses(tokenizer, responses))
     assert ((r - 0.1).abs() < 1e-6).any()
     assert acc == (r == 1).float().mean().item() and reward == pytest.approx(r.mean().item())
+
+
+def test_a_jsonl_file_trains_a_model_of_its_own_tokenizer(tmp_path, capsys):
+    """--task FILE.jsonl with --model: the prompts go through the model's tokenizer
+    (WordPiece here: "12+7=" is 1 ##2 + 7 =), the answers' length in its tokens."""
+    from test_checkpoints_and_errors import make_bert_checkpoint
+    make_bert_checkpoint(tmp_path / "bert")
+    path = write_jsonl(tmp_path / "mine.jsonl", GOOD[:40])
+    out = tmp_path / "run"
+    assert run(["--model", str(tmp_path / "bert"), "--task", path, "--test-size", "8",
+                "--steps", "2", "--prompts", "2", "--group", "2", "--samples", "2",
+                "--out", str(out)], capsys)[0] == 0
+    with open(out / "run.json") as f:
+        assert json.load(f)["response_length"] == 3  # "18": 1 ##8, and an end token
