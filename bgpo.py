@@ -678,7 +678,7 @@ def load_policy(cfg, device, checkpoint=None):
                         if m is not None), None)
         if mask_id is None:
             raise ValueError("the tokenizer names no mask token; give --mask-id")
-        problems = torch.cat([task.train, task.test])
+        problems = torch.cat([task.train, task.test]) if task.name == "jsonl" else task.test
         prompts, padded = toy_dllm.encode_padded_prompts(tokenizer, task.prompts(problems))
     tokens = [len(t) for t in tokenizer(task.answers(problems), add_special_tokens=False)["input_ids"]]
     longest = max(tokens)
