@@ -600,9 +600,10 @@ def explain(policy, cfg):
     for i in range(len(A)):
         print(f"  y{i + 1:<2} {show(i)}   (truth {truths[i]})"
               f"   r = {batch.rewards[i]:g}   A = {A[i]:+.3f}")
-    order, y = [], torch.full_like(batch.responses[:1], policy.mask_id)   # greedy, y1's prompt
-    greedy = toy_dllm.generate(model, batch.prompts[:1], policy.mask_id, y.shape[1], cfg.block_length,
-                               cfg.sampler_steps, prompt_mask=batch.prompt_mask, order=order)
+    first = batch[torch.arange(1)]  # greedy on y1's prompt, its padding mask too (a real model's)
+    order, y = [], torch.full_like(first.responses, policy.mask_id)
+    greedy = toy_dllm.generate(model, first.prompts, policy.mask_id, y.shape[1], cfg.block_length,
+                               cfg.sampler_steps, prompt_mask=first.prompt_mask, order=order)
     print("   the sampler's order, greedy on y1's prompt: the most confident first, anywhere")
     for step, (pos, score) in enumerate(order, 1):  # (1, k) each
         y[0, pos[0]] = greedy[0, pos[0]]

@@ -183,3 +183,15 @@ def test_a_jsonl_file_trains_a_model_of_its_own_tokenizer(tmp_path, capsys):
                 "--out", str(out)], capsys)[0] == 0
     with open(out / "run.json") as f:
         assert json.load(f)["response_length"] == 3  # "18": 1 ##8, and an end token
+
+
+def test_explain_shows_the_decoding_order_of_a_padded_prompt(tmp_path, capsys):
+    """--explain's decoding order runs the sampler on y1's prompt alone, with its own
+    padding mask: prompts of two lengths through a WordPiece model (seed 1 draws both)."""
+    from test_checkpoints_and_errors import make_bert_checkpoint
+    make_bert_checkpoint(tmp_path / "bert")
+    path = write_jsonl(tmp_path / "mine.jsonl", [
+        dict(r, prompt=r["prompt"] if i % 2 else r["prompt"][:-1] + "+0=") for i, r in enumerate(GOOD)])
+    status, _ = run(["--model", str(tmp_path / "bert"), "--task", path, "--test-size", "20",
+                     "--explain", "--seed", "1"])
+    assert status == 0 and "the sampler's order" in capsys.readouterr().out
