@@ -588,9 +588,9 @@ def warm_start(verbose=True, **overrides):
                          f"{task.answer_length}-token answer")
     if length == task.answer_length:  # one cache entry for the answer's own length
         settings["response_length"] = None
-    path = warm_start_path(settings)
+    path, key = warm_start_path(settings), cache_key(settings)
     with cache_lock(os.path.dirname(path)):  # one process trains; the others wait, then load
-        cached = load_cached(path, cache_key(settings))
+        cached = load_cached(path, key)
         if cached:
             return (*cached, task, settings)
         t0 = time.time()
@@ -606,7 +606,7 @@ def warm_start(verbose=True, **overrides):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "warm_start.json"), "w") as f:
-                json.dump(cache_key(settings), f, indent=1)
+                json.dump(key, f, indent=1)
 
         save_dir_atomic(path, save, replace=False)  # kept if another process saved it first
     if verbose:
