@@ -29,6 +29,10 @@ def read(name):
     with open(os.path.join(DOCS, "data", name)) as f:
         return json.load(f)
 
+def spread(v):
+    """'mean +- std' of a setting's seeds, in %; one seed: its value alone (no spread)."""
+    return f"{statistics.mean(v):.1f} +- {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
 def summary_table(runs, key="acc"):
     """Markdown: mean +- std over seeds at each evaluation step shared by every run, and the
     seconds per step (a mean over seeds, as every column here), then every seed's end."""
@@ -37,11 +41,7 @@ def summary_table(runs, key="acc"):
     lines = ["| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " | s/step |",
              "|---" * (len(steps) + 3) + "|"]
     for label, seeds in runs.items():
-        cells = []
-        for s in steps:
-            v = [100 * dict(run[key])[s] for run in seeds.values()]
-            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v):.1f}" if len(v) > 1
-                         else f"{v[0]:.1f}")  # one seed: no spread to show
+        cells = [spread([100 * dict(run[key])[s] for run in seeds.values()]) for s in steps]
         timed = [run["seconds"] / run["steps"] for run in seeds.values() if "seconds" in run]
         per_step = f"{statistics.mean(timed):.2f}" if timed else "-"  # older runs kept none
         lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + f" | {per_step} |")
@@ -49,9 +49,8 @@ def summary_table(runs, key="acc"):
 
 def before_after_table(runs):
     """Markdown: greedy test accuracy and mean reward before RL and after, mean +- std."""
-    def cell(seeds, key, i):
-        v = [100 * run[key][i][1] for run in seeds.values()]
-        return f"{statistics.mean(v):.1f} +- {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+    def cell(seeds, key, i):  # the i-th record of key
+        return spread([100 * run[key][i][1] for run in seeds.values()])
     def gain(seeds):  # after - before, its 95% interval and p (one-sample t over the seeds)
         d = [100 * (run["acc"][-1][1] - run["acc"][0][1]) for run in seeds.values()]
         if len(d) < 2:
