@@ -89,6 +89,46 @@ def offpolicy(out):
     save(fig, out)
 
 
+def offpolicy_sweep(out):
+    """Figure 6: accuracy against mu = updates per rollout batch, at equal updates and at
+    equal rollouts (mean and 95% interval over seeds); under it, the off-policy updates'
+    gap R - R_lb and |d| per token, and the cosine between BGPO's gradient and the exact one."""
+    runs = read("offpolicy_sweep.json")["runs"]
+    last = min(run["steps"] for seeds in runs.values() for run in seeds.values())
+    by_method = {}  # method -> {mu: seeds}
+    for label, seeds in runs.items():
+        settings = {"method": "bgpo", "updates_per_batch": "1", **label_settings(label)}
+        by_method.setdefault(settings["method"], {})[int(settings["updates_per_batch"])] = seeds
+    fig, axes = plt.subplots(3, 1, figsize=(6, 9), sharex=True)
+    for method, per_mu in by_method.items():
+        mus = sorted(mu for mu in per_mu if len(per_mu[mu]) > 1)  # an interval needs 2 seeds
+        for name, step, style in (("equal updates", lambda mu: last // mu, "o-"),
+                                  ("equal rollouts", lambda mu: last, "s--")):
+            values = [[100 * dict(run["acc"])[step(mu)] for run in per_mu[mu].values()] for mu in mus]
+            half = [tables.stats.t_quantile(0.975, len(v) - 1) * statistics.stdev(v) / len(v) ** 0.5
+                    for v in values]
+            axes[0].errorbar(mus, [statistics.mean(v) for v in values], yerr=half, fmt=style,
+                             capsize=3, color=COLORS[method], label=f"{method}, {name}",
+                             alpha=1 if name == "equal updates" else 0.5)
+        if method in ("bgpo", "two_pass"):
+            for ax, key, style in ((axes[1], "gap", "o-"), (axes[1], "abs_d", "s:"),
+                                   (axes[2], "cos", "o-")):
+                points = [(mu, statistics.mean(x for run in per_mu[mu].values()
+                                               for _, x in run.get(key, [])))
+                          for mu in mus if any(run.get(key) for run in per_mu[mu].values())]
+                if points:
+                    ax.plot(*zip(*points), style, color=COLORS[method], label=f"{method}: {key}")
+    axes[0].set(ylabel="greedy test accuracy (%)",
+                title=f"3-token answers, n_t = 16: {last} updates or {last} rollout batches")
+    axes[1].set(yscale="log", ylabel="gap R - R_lb (o), |d| per token (s)")
+    axes[2].set(xscale="log", xlabel="mu, updates per rollout batch (disjoint mini-batches)",
+                ylabel="cos(grad R_lb, grad R)")
+    axes[2].set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    for ax in axes:
+        ax.legend(fontsize=7)
+    save(fig, out)
+
+
 def label_settings(label):
     """'method=bgpo samples=4 length_norm' -> {"method": "bgpo", "samples": "4", "length_norm": True}"""
     return dict(kv.split("=", 1) if "=" in kv else (kv, True) for kv in label.split())
@@ -224,4 +264,5 @@ if __name__ == "__main__":
     gradient("grad_stats.png")
     estimators("elbo_estimators.png")
     offpolicy("offpolicy.png")
+    offpolicy_sweep("offpolicy_sweep.png")
     timesplit("timesplit.png")

@@ -26,6 +26,16 @@ def welch(a, b, level=0.95, power=0.8):
                 p=2 * (1 - t_cdf(abs(diff) / se, df)),
                 detectable=(t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se)
 
+def seeds_needed(a, b, difference, level=0.95, power=0.8, most=1000):
+    """The fewest seeds per arm with which welch() would detect `difference`, if the two
+    settings keep the spreads of a and b (most + 1: not within most seeds)."""
+    va, vb = statistics.variance(a), statistics.variance(b)
+    for n in range(2, most + 1):
+        se, df = math.sqrt((va + vb) / n), (n - 1) * (va + vb) ** 2 / (va ** 2 + vb ** 2)
+        if (t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se <= difference:
+            return n
+    return most + 1
+
 def one_sample(x, level=0.95):
     """mean(x) against 0 (Student's t, n - 1 df): a dict with mean, its interval (low,
     high) at `level`, and the two-sided p; for the seeds' gain over one fixed start."""

@@ -102,6 +102,48 @@ def diagnostics_table(runs):
                      + " | ".join(f"{t:.3f}" for t in split) + " |")
     return "\n".join(lines)
 
+def sweep_tables(runs):
+    """Section 4c's sweep over mu = updates_per_batch, every run to the same last step S:
+    accuracy at equal updates (mu * step = S: step S / mu) and at equal rollouts (step S),
+    each method against bgpo at its mu; then the off-policy updates' diagnostics per mu."""
+    setting = {label: {"method": "bgpo", "updates_per_batch": "1",  # labels name what differs
+                       **dict(kv.split("=") for kv in label.split())} for label in runs}
+    rows = sorted(runs, key=lambda label: (int(setting[label]["updates_per_batch"]),
+                                           METHOD_ORDER.index(setting[label]["method"])))
+    last = min(run["steps"] for seeds in runs.values() for run in seeds.values())
+    parts = []
+    for title, at in ((f"equal updates, {last} each", lambda mu: last // mu),
+                      (f"equal rollouts, {last} each", lambda mu: last)):
+        lines = [f"| {title}: mu | method | seeds | step | accuracy | - bgpo | 95% interval "
+                 f"| p | detectable | seeds for {FIVE} |", "|---" * 10 + "|"]
+        for label in rows:
+            mu, method = int(setting[label]["updates_per_batch"]), setting[label]["method"]
+            def acc(lab):
+                return [100 * dict(run["acc"])[at(mu)] for _, run in sorted(runs[lab].items())]
+            bgpo = label.replace(f"method={method}", "method=bgpo")
+            test = "- | - | - | - | -"
+            if method != "bgpo" and len(runs[label]) > 1 and bgpo in runs:
+                r = stats.welch(acc(label), acc(bgpo))
+                test = (f"{r['diff']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | {r['p']:.2g} | "
+                        f"{r['detectable']:.1f} | {stats.seeds_needed(acc(label), acc(bgpo), FIVE)}")
+            lines.append(f"| {mu} | {method} | {len(runs[label])} | {at(mu)} | "
+                         f"{spread(acc(label))} | {test} |")
+        parts.append("\n".join(lines))
+    lines = ["| mu | method | gap R - R_lb | mean abs d per token | cos(grad R_lb, grad R) | "
+             "rel. difference | seeds measured |", "|---" * 7 + "|"]
+    for label in rows:
+        seeds = runs[label].values()
+        def mean_of(key, fmt="{:.2e}"):
+            v = [x for run in seeds for _, x in run.get(key, [])]
+            return fmt.format(statistics.mean(v)) if v else "-"
+        lines.append(f"| {setting[label]['updates_per_batch']} | {setting[label]['method']} | "
+                     f"{mean_of('gap')} | {mean_of('abs_d')} | {mean_of('cos', '{:.4f}')} | "
+                     f"{mean_of('rel', '{:.3f}')} | {sum(bool(run.get('cos')) for run in seeds)} |")
+    return "\n\n".join(parts + ["\n".join(lines)]) + "\n"
+
+METHOD_ORDER = ("bgpo", "two_pass", "naive", "tangent", "jensen")
+FIVE = 5.0  # points: the difference the sweep's seeds are sized for
+
 def timesplit_table(runs):
     """Section 4d: seconds per step in each part of a step (a mean over seeds), one row per
     setting, and the loss's time over the rollout's from the unrounded totals."""
@@ -163,6 +205,8 @@ def tables(name, pairs=None):
     runs = data["runs"]
     if name == "timesplit":
         return timesplit_table(runs)
+    if name.startswith("offpolicy_sweep"):
+        return sweep_tables(runs)
     parts = [summary_table(runs), seeds_line(runs)]
     every = [run for seeds in runs.values() for run in seeds.values()]
     if all(run.get("reward") for run in every) and any(  # a reward that is not accuracy
@@ -212,7 +256,7 @@ def load_runs(dirs, upto=None):
                    steps=summary["steps"])
         if summary.get("reward_after") is not None:  # greedy mean reward, before RL and after
             run["reward"] = [[0, summary["reward_before"]], [summary["steps"], summary["reward_after"]]]
-        for key in ("gap", "abs_d", "clipped"):  # the mean over a step's off-policy updates
+        for key in ("gap", "abs_d", "clipped", "cos", "rel"):  # mean of a step's off-policy updates
             later = [(r["step"], [u[key] for u in r.get("updates", [])[1:] if key in u])
                      for r in records]
             run[key] = [[step, statistics.mean(v)] for step, v in later if v]

@@ -36,3 +36,25 @@ def test_one_sample_matches_students_sleep_data():
     r = stats.one_sample(gain)
     assert (round(r["mean"], 2), round(r["p"], 5), round(r["low"], 3), round(r["high"], 3)) == (
         1.58, 0.00283, 0.700, 2.460)
+
+
+def test_seeds_needed_is_the_fewest_seeds_whose_welch_detects_the_difference():
+    """Rebuilt by welch() itself on samples with the same spreads, n seeds each: with
+    n = seeds_needed its detectable difference is within the target, with n - 1 not."""
+    a, b = A1[:5], A2[:5]
+    for target in (1.5, 3.0, welch_detectable(a, b)):
+        n = stats.seeds_needed(a, b, target)
+        assert welch_detectable(spread_like(a, n), spread_like(b, n)) <= target + 1e-9
+        assert n == 2 or welch_detectable(spread_like(a, n - 1), spread_like(b, n - 1)) > target
+    assert stats.seeds_needed(a, b, welch_detectable(a, b)) == 5
+
+
+def welch_detectable(a, b):
+    return stats.welch(a, b)["detectable"]
+
+
+def spread_like(x, n):
+    """n values with x's variance (mean 0): +-s alternating, scaled so the variance is equal."""
+    v = [(-1) ** i for i in range(n)]
+    scale = math.sqrt(statistics.variance(x) / statistics.variance(v))
+    return [scale * e for e in v]
