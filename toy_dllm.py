@@ -178,10 +178,10 @@ REWARDS = {  # a record's "reward": the keys it needs, and (the record, decoded 
     "countdown": (("numbers", "target"), lambda r, t: countdown_reward(r["numbers"], r["target"], t)),
     "sudoku": (("puzzle", "solution"), lambda r, t: sudoku_reward(r["puzzle"], r["solution"], t))}
 
-def make_countdown(n_test=1000, seed=0, high=20):
+def make_countdown(n_test=1000, seed=0, high=10):
     """Countdown (d1's 3 numbers; here 1..high): every 3 numbers and each target in 1..100
     that (a o b) o c reaches, o in + - * /, once (so test's never in train); the numbers
-    in a seeded order. {"prompt": "17,03,05:070=", "answer": "(17-3)*5", "numbers": ...}"""
+    in a seeded order. {"prompt": "03,07,05:050=", "answer": "(3+7)*5", "numbers": ...}"""
     solutions, g = {}, torch.Generator().manual_seed(seed)
     for numbers in itertools.combinations_with_replacement(range(1, high + 1), 3):
         for a, b, c in itertools.permutations(numbers):
@@ -198,7 +198,7 @@ def make_countdown(n_test=1000, seed=0, high=20):
         records.append(dict(prompt=",".join(f"{n:02d}" for n in numbers) + f":{target:03d}=",
                             answer=answer, reward="countdown", numbers=numbers, target=target))
     order = torch.randperm(len(records), generator=g)[:, None]                 # test first
-    return RecordTask("countdown", records, order[n_test:], order[:n_test], 10)  # "(12+13)*14"
+    return RecordTask("countdown", records, order[n_test:], order[:n_test], 10)  # "(10+10)*10"
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
