@@ -118,6 +118,8 @@ def offpolicy_sweep(out):
                           for mu in mus if any(run.get(key) for run in per_mu[mu].values())]
                 if points:
                     ax.plot(*zip(*points), style, color=COLORS[method], label=f"{method}: {key}")
+    start = 100 * next(iter(next(iter(runs.values())).values()))["acc"][0][1]
+    axes[0].axhline(start, color="gray", linestyle=":", label="before RL")
     axes[0].set(ylabel="greedy test accuracy (%)",
                 title=f"3-token answers, n_t = 16: {last} updates or {last} rollout batches")
     axes[1].set(yscale="log", ylabel="gap R - R_lb (o), |d| per token (s)")
