@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 import tables  # noqa: E402 (docs/tables.py: the tables, printed from the same data)
-from tables import load_runs, read  # noqa: E402
+from tables import label_settings, load_runs, read  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 COLORS = {"naive": "tab:red", "two_pass": "tab:orange", "bgpo": "tab:blue",
@@ -129,11 +129,6 @@ def offpolicy_sweep(out):
     for ax in axes:
         ax.legend(fontsize=7)
     save(fig, out)
-
-
-def label_settings(label):
-    """'method=bgpo samples=4 length_norm' -> {"method": "bgpo", "samples": "4", "length_norm": True}"""
-    return dict(kv.split("=", 1) if "=" in kv else (kv, True) for kv in label.split())
 
 
 def timesplit(out):

@@ -102,24 +102,30 @@ def diagnostics_table(runs):
                      + " | ".join(f"{t:.3f}" for t in split) + " |")
     return "\n".join(lines)
 
+def label_settings(label):
+    """'method=bgpo samples=4 length_norm' -> {"method": "bgpo", "samples": "4", "length_norm": True}"""
+    return dict(kv.split("=", 1) if "=" in kv else (kv, True) for kv in label.split())
+
 def sweep_tables(runs):
     """Section 4c's sweep over mu = updates_per_batch, every run to the same last step S:
     accuracy at equal updates (mu * step = S: step S / mu) and at equal rollouts (step S),
     each method against bgpo at its mu; then the off-policy updates' diagnostics per mu."""
     setting = {label: {"method": "bgpo", "updates_per_batch": "1",  # labels name what differs
-                       **dict(kv.split("=") for kv in label.split())} for label in runs}
+                       **label_settings(label)} for label in runs}
     rows = sorted(runs, key=lambda label: (int(setting[label]["updates_per_batch"]),
                                            METHOD_ORDER.index(setting[label]["method"])))
     last = min(run["steps"] for seeds in runs.values() for run in seeds.values())
     parts = []
     for title, at in ((f"equal updates, {last} each", lambda mu: last // mu),
                       (f"equal rollouts, {last} each", lambda mu: last)):
+        each = []
         lines = [f"| {title}: mu | method | seeds | step | accuracy | - bgpo | 95% interval "
                  f"| p | detectable | seeds for {FIVE} |", "|---" * 10 + "|"]
         for label in rows:
             mu, method = int(setting[label]["updates_per_batch"]), setting[label]["method"]
-            def acc(lab):
-                return [100 * dict(run["acc"])[at(mu)] for _, run in sorted(runs[lab].items())]
+            def acc(lab):  # each seed's accuracy at the regime's step, seeds in order
+                return [100 * dict(runs[lab][seed]["acc"])[at(mu)]
+                        for seed in sorted(runs[lab], key=int)]
             bgpo = label.replace(f"method={method}", "method=bgpo")
             test = "- | - | - | - | -"
             if method != "bgpo" and len(runs[label]) > 1 and bgpo in runs:
@@ -128,7 +134,9 @@ def sweep_tables(runs):
                         f"{r['detectable']:.1f} | {stats.seeds_needed(acc(label), acc(bgpo), FIVE)}")
             lines.append(f"| {mu} | {method} | {len(runs[label])} | {at(mu)} | "
                          f"{spread(acc(label))} | {test} |")
-        parts.append("\n".join(lines))
+            each.append(f"mu={mu} {method}: " + ", ".join(f"{x:.1f}" for x in acc(label)))
+        parts.append("\n".join(lines) + "\n\nPer seed, seeds 0, 1, ... in order: "
+                     + "; ".join(each) + ".")
     lines = ["| mu | method | gap R - R_lb | mean abs d per token | cos(grad R_lb, grad R) | "
              "rel. difference | seeds measured |", "|---" * 7 + "|"]
     for label in rows:
@@ -147,11 +155,8 @@ FIVE = 5.0  # points: the difference the sweep's seeds are sized for
 def timesplit_table(runs):
     """Section 4d: seconds per step in each part of a step (a mean over seeds), one row per
     setting, and the loss's time over the rollout's from the unrounded totals."""
-    def settings(label):
-        return dict(part.split("=") for part in label.split())
-
     def order(label):
-        s = settings(label)
+        s = label_settings(label)
         return (int(s.get("response_length", 3)), s["updates_per_batch"],
                 ("bgpo", "naive", "two_pass").index(s["method"]), int(s["samples"]),
                 s["scheme"] != "stratified")
@@ -159,7 +164,7 @@ def timesplit_table(runs):
     lines = ["| answer | method, n_t | rollout | loss | update | eval | loss / rollout |",
              "|---|---|---|---|---|---|---|"]
     for label in sorted(runs, key=order):
-        s, seeds = settings(label), runs[label].values()
+        s, seeds = label_settings(label), runs[label].values()
         part = {p: statistics.mean(run["time_split"][p] / run["steps"] for run in seeds)
                 for p in PARTS}
         name = "one_step" if s["scheme"] == "one_step" else s["method"]
