@@ -42,7 +42,7 @@ MUTATIONS = [
      "return objective / n_samples", "return objective",
      RL + "test_bgpo_and_naive_runs_match_on_policy"),
     ("warm start: no cache lookup", "toy_dllm.py",
-     "cached = load_cached(path, cache_key(settings))", "cached = None",
+     "cached = load_cached(path, key)", "cached = None",
      TOY + "test_second_warm_start_call_loads_the_cache_and_trains_nothing"),
     ("warm start: a damaged entry loaded unchecked", "toy_dllm.py",
      "except Exception as e:  # a missing or truncated file",
