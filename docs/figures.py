@@ -97,16 +97,14 @@ def offpolicy_sweep(out):
     last = min(run["steps"] for seeds in runs.values() for run in seeds.values())
     by_method = {}  # method -> {mu: seeds}
     for label, seeds in runs.items():
-        settings = {"method": "bgpo", "updates_per_batch": "1", **label_settings(label)}
-        by_method.setdefault(settings["method"], {})[int(settings["updates_per_batch"])] = seeds
+        mu, method = tables.sweep_setting(label)
+        by_method.setdefault(method, {})[mu] = seeds
     fig, axes = plt.subplots(3, 1, figsize=(6, 9), sharex=True)
     for method, per_mu in by_method.items():
         mus = sorted(mu for mu in per_mu if len(per_mu[mu]) > 1)  # an interval needs 2 seeds
-        for name, step, style in (("equal updates", lambda mu: last // mu, "o-"),
-                                  ("equal rollouts", lambda mu: last, "s--")):
+        for (name, step), style in zip(tables.sweep_regimes(last), ("o-", "s--")):
             values = [[100 * dict(run["acc"])[step(mu)] for run in per_mu[mu].values()] for mu in mus]
-            half = [tables.stats.t_quantile(0.975, len(v) - 1) * statistics.stdev(v) / len(v) ** 0.5
-                    for v in values]
+            half = [r["high"] - r["mean"] for r in map(tables.stats.one_sample, values)]  # 95%
             axes[0].errorbar(mus, [statistics.mean(v) for v in values], yerr=half, fmt=style,
                              capsize=3, color=COLORS[method], label=f"{method}, {name}",
                              alpha=1 if name == "equal updates" else 0.5)

@@ -106,23 +106,30 @@ def label_settings(label):
     """'method=bgpo samples=4 length_norm' -> {"method": "bgpo", "samples": "4", "length_norm": True}"""
     return dict(kv.split("=", 1) if "=" in kv else (kv, True) for kv in label.split())
 
+def sweep_setting(label):
+    """(mu, method) of a sweep run's label, which names only what differs between runs."""
+    s = {"method": "bgpo", "updates_per_batch": "1", **label_settings(label)}
+    return int(s["updates_per_batch"]), s["method"]
+
+def sweep_regimes(last):
+    """[(name, step at which a run of updates_per_batch mu is read)]: equal updates
+    (mu * step = last) and equal rollouts (step = last)."""
+    return [("equal updates", lambda mu: last // mu), ("equal rollouts", lambda mu: last)]
+
 def sweep_tables(runs):
     """Section 4c's sweep over mu = updates_per_batch, every run to the same last step S:
     accuracy at equal updates (mu * step = S: step S / mu) and at equal rollouts (step S),
     each method against bgpo at its mu; then the off-policy updates' diagnostics per mu."""
-    setting = {label: {"method": "bgpo", "updates_per_batch": "1",  # labels name what differs
-                       **label_settings(label)} for label in runs}
-    rows = sorted(runs, key=lambda label: (int(setting[label]["updates_per_batch"]),
-                                           METHOD_ORDER.index(setting[label]["method"])))
+    rows = sorted(runs, key=lambda label: (sweep_setting(label)[0],
+                                           METHOD_ORDER.index(sweep_setting(label)[1])))
     last = min(run["steps"] for seeds in runs.values() for run in seeds.values())
     parts = []
-    for title, at in ((f"equal updates, {last} each", lambda mu: last // mu),
-                      (f"equal rollouts, {last} each", lambda mu: last)):
+    for name, at in sweep_regimes(last):
         each = []
-        lines = [f"| {title}: mu | method | seeds | step | accuracy | - bgpo | 95% interval "
-                 f"| p | detectable | seeds for {FIVE} |", "|---" * 10 + "|"]
+        lines = [f"| {name}, {last} each: mu | method | seeds | step | accuracy | - bgpo | "
+                 f"95% interval | p | detectable | seeds for {FIVE} |", "|---" * 10 + "|"]
         for label in rows:
-            mu, method = int(setting[label]["updates_per_batch"]), setting[label]["method"]
+            mu, method = sweep_setting(label)
             def acc(lab):  # each seed's accuracy at the regime's step, seeds in order
                 return [100 * dict(runs[lab][seed]["acc"])[at(mu)]
                         for seed in sorted(runs[lab], key=int)]
@@ -144,7 +151,7 @@ def sweep_tables(runs):
         def mean_of(key, fmt="{:.2e}"):
             v = [x for run in seeds for _, x in run.get(key, [])]
             return fmt.format(statistics.mean(v)) if v else "-"
-        lines.append(f"| {setting[label]['updates_per_batch']} | {setting[label]['method']} | "
+        lines.append(f"| {' | '.join(map(str, sweep_setting(label)))} | "
                      f"{mean_of('gap')} | {mean_of('abs_d')} | {mean_of('cos', '{:.4f}')} | "
                      f"{mean_of('rel', '{:.3f}')} | {sum(bool(run.get('cos')) for run in seeds)} |")
     return "\n\n".join(parts + ["\n".join(lines)]) + "\n"

@@ -1,9 +1,9 @@
 """The ELBO estimator and the objectives: BGPO vs naive vs two-pass, checked
 against each other and against exact enumeration (the micrograd way)."""
 import itertools
+import math
 import os
 import sys
-import math
 import types
 
 import pytest
